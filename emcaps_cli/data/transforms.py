@@ -1,0 +1,91 @@
+"""Image preparation shared by training, evaluation and attacks (section 5).
+
+Order, as in the paper: per-image standardisation of the 48x48 image (zero mean, unit variance
+over all its channels and pixels), then a 32x32 crop (random for training, centre for test),
+then, for training only, random brightness and contrast. All functions work on batches on any
+device; randomness comes from an explicit `torch.Generator` on the batch's device.
+
+Units: after `standardize`, one unit is one standard deviation of that image's pixels; the
+attack ε is measured in these units.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Training-time photometric jitter, in standardised units.
+BRIGHTNESS_DELTA = 0.25  # add U(-0.25, 0.25) to every pixel of an image
+CONTRAST_RANGE = (0.7, 1.3)  # scale deviations from the image mean by U(0.7, 1.3)
+STD_FLOOR = 1e-3  # a constant image (std 0) is centred, not blown up
+
+
+def select_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, 2, H, W) stereo pairs -> (N, channels, H, W); channels=1 keeps the left view."""
+    return images if channels == 2 else images[:, :1]
+
+
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or float (N, C, H, W) -> float32 with zero mean and unit variance per image."""
+    x = images.float()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    std = x.std(dim=(1, 2, 3), keepdim=True, unbiased=False).clamp(min=STD_FLOOR)
+    return (x - mean) / std
+
+
+def crop(images: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    """The same (top, left) window of every image: (N, C, H, W) -> (N, C, size, size)."""
+    return images[:, :, top : top + size, left : left + size]
+
+
+def center_crop(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    return crop(images, (h - size) // 2, (w - size) // 2, size)
+
+
+def multicrop_offsets(image_size: int = 48, size: int = 32) -> list[tuple[int, int]]:
+    """(top, left) of the test-time crops: the centre plus the four diagonal offsets
+    (half-way between the centre and each corner), as in the authors' released code."""
+    c = (image_size - size) // 2
+    d = c // 2
+    return [(c, c), (c - d, c - d), (c - d, c + d), (c + d, c - d), (c + d, c + d)]
+
+
+def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """An independent random size x size window per image, gathered without a Python loop."""
+    n, c, h, w = images.shape
+    dev = images.device
+    top = torch.randint(0, h - size + 1, (n,), generator=generator, device=dev)
+    left = torch.randint(0, w - size + 1, (n,), generator=generator, device=dev)
+    ar = torch.arange(size, device=dev)
+    rows = (top[:, None] + ar)[:, None, :, None].expand(n, c, size, size)  # (N, C, s, s)
+    cols = (left[:, None] + ar)[:, None, None, :].expand(n, c, size, size)  # (N, C, s, s)
+    flat = images.reshape(n, c, h * w)
+    return flat.gather(2, (rows * w + cols).reshape(n, c, -1)).reshape(n, c, size, size)
+
+
+def random_brightness_contrast(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random contrast (about the image mean) and brightness shift."""
+    n = images.shape[0]
+    dev = images.device
+    u = torch.rand((n, 2), generator=generator, device=dev, dtype=images.dtype)  # (N, 2)
+    lo, hi = CONTRAST_RANGE
+    contrast = (lo + (hi - lo) * u[:, 0]).view(n, 1, 1, 1)
+    brightness = (BRIGHTNESS_DELTA * (2 * u[:, 1] - 1)).view(n, 1, 1, 1)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return (images - mean) * contrast + mean + brightness
+
+
+def train_batch(
+    images: torch.Tensor, channels: int, generator: torch.Generator, size: int = 32
+) -> torch.Tensor:
+    """uint8 (N, 2, 48, 48) -> augmented float (N, channels, size, size)."""
+    x = standardize(select_channels(images, channels))
+    return random_brightness_contrast(random_crop(x, size, generator), generator)
+
+
+def eval_batch(
+    images: torch.Tensor, channels: int, size: int = 32, offset: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """uint8 (N, 2, 48, 48) -> standardised crop (N, channels, size, size); centre by default."""
+    x = standardize(select_channels(images, channels))
+    return center_crop(x, size) if offset is None else crop(x, offset[0], offset[1], size)
