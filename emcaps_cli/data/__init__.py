@@ -1,0 +1,1 @@
+"""smallNORB data: the raw binary format, the HDF5 cache, transforms, viewpoints, a synthesizer."""
