@@ -1,0 +1,383 @@
+"""Adversarial attacks of section 6 (Fig. 3): FGSM (Goodfellow et al. 2014) and the Basic
+Iterative Method (Kurakin et al. 2016), untargeted and targeted, white-box or transferred from a
+source model (black box), plus the gradient diagnostics the paper uses to rule out gradient
+masking (Brendel & Bethge 2017).
+
+Units: ε and the BIM step size are in standardised-image units (one unit = one standard deviation
+of that image's pixels). Test images are standardised per image and centre-cropped exactly as in
+`emcaps evaluate`; the perturbation is added to that standardised 32x32 crop, which is what the
+model sees. Nothing is clipped: a standardised image has no fixed pixel range.
+
+The attacked loss is summed over the images of a batch, so an image's gradient does not depend on
+the batch size; the spread loss uses its final margin 0.9.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from emcaps_cli.checkpoint import load_model
+from emcaps_cli.data.transforms import eval_batch
+from emcaps_cli.errors import EmcapsError
+from emcaps_cli.evaluation import (
+    DEFAULT_BATCH_SIZE,
+    Progress,
+    TestImages,
+    batch_slices,
+    class_scores,
+)
+from emcaps_cli.losses import get_loss
+
+METHODS = ("fgsm", "bim")
+ATTACK_MARGIN = 0.9  # the spread-loss margin at the end of training
+DEFAULT_EPS = tuple(round(0.05 * i, 2) for i in range(11))  # Fig. 3 left: 0 .. 0.5
+DEFAULT_TARGETED_EPS = tuple(round(0.05 * i, 2) for i in range(6))  # Fig. 3 right: 0 .. 0.25
+DEFAULT_STEPS = 10
+# BIM default step size α = 2.5 ε / steps: the iterate can cross the whole ε-ball and then
+# move along its faces (the rule of Madry et al. 2018).
+STEP_SIZE_FACTOR = 2.5
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """What to run. `step_size` None means STEP_SIZE_FACTOR * ε / steps (BIM only)."""
+
+    method: str = "fgsm"
+    targeted: bool = False
+    eps: tuple[float, ...] = DEFAULT_EPS
+    steps: int = DEFAULT_STEPS
+    step_size: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise EmcapsError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        if not self.eps or any(not np.isfinite(e) or e < 0 for e in self.eps):
+            raise EmcapsError(f"--eps {list(self.eps)}: expected non-negative numbers")
+        if self.steps < 1:
+            raise EmcapsError(f"--steps {self.steps}: expected at least one step")
+        if self.step_size is not None and not self.step_size > 0:
+            raise EmcapsError(f"--step-size {self.step_size}: expected a positive number")
+        object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
+
+    def bim_step_size(self, eps: float) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        return STEP_SIZE_FACTOR * eps / self.steps
+
+
+def parse_eps(text: str) -> tuple[float, ...]:
+    """`--eps 0,0.05,0.1` -> (0.0, 0.05, 0.1)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise EmcapsError(f"--eps {text!r}: expected comma-separated numbers") from None
+    if not values:
+        raise EmcapsError(f"--eps {text!r}: expected at least one number")
+    return values
+
+
+def default_loss_name(ckpt: dict[str, Any]) -> str:
+    """The training loss of a checkpoint; if unset, spread (capsules) or cross-entropy (CNN)."""
+    loss = (ckpt.get("train_config") or {}).get("loss")
+    if loss:
+        return str(loss)
+    return "cross-entropy" if ckpt["model_config"].get("model") == "cnn" else "spread"
+
+
+def image_loss(name: str) -> LossFn:
+    """loss(scores (N, K), target (N,)) summed over images; spread at margin ATTACK_MARGIN."""
+    fn = get_loss(name)
+
+    def loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return fn(scores, target, ATTACK_MARGIN) * scores.shape[0]
+
+    return loss
+
+
+def input_gradient(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: LossFn
+) -> torch.Tensor:
+    """∇ₓ loss(model(x), target), shape of x; parameter gradients are neither needed nor kept."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss(model(x), target), x)
+    return grad
+
+
+def _signed_step(grad: torch.Tensor, size: float, targeted: bool) -> torch.Tensor:
+    # A non-finite gradient entry gives no direction (sign(NaN) would poison the image).
+    step = size * torch.nan_to_num(grad.sign(), nan=0.0)
+    return -step if targeted else step
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+    loss: LossFn,
+    targeted: bool = False,
+    grad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FGSM: x + ε sign(∇ₓL(x, y)); targeted: x − ε sign(∇ₓL(x, t)), towards the target t.
+
+    x: standardised crops (N, C, 32, 32); target: true labels (untargeted) or target labels (N,).
+    `grad` may pass ∇ₓL(x, target) when the caller already has it (it does not depend on ε).
+    """
+    if eps == 0:
+        return x
+    if grad is None:
+        grad = input_gradient(model, x, target, loss)
+    return x.detach() + _signed_step(grad, eps, targeted)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The nearest point of the L∞ ball of radius ε around x."""
+    return x + (x_adv - x).clamp(-eps, eps)
+
+
+def bim(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+    loss: LossFn,
+    steps: int = DEFAULT_STEPS,
+    step_size: float | None = None,
+    targeted: bool = False,
+) -> torch.Tensor:
+    """BIM (Kurakin et al. 2016): `steps` sign steps of size α, each projected onto the L∞
+    ε-ball around x. α defaults to STEP_SIZE_FACTOR ε / steps. Shapes as in `fgsm`."""
+    if eps == 0:
+        return x
+    alpha = STEP_SIZE_FACTOR * eps / steps if step_size is None else step_size
+    x = x.detach()
+    x_adv = x
+    for _ in range(steps):
+        grad = input_gradient(model, x_adv, target, loss)
+        x_adv = project(x_adv + _signed_step(grad, alpha, targeted), x, eps)
+    return x_adv
+
+
+@dataclass
+class GradientStats:
+    """Section 6 diagnostics of ∇ₓL on clean images: exact zeros and mean magnitude."""
+
+    entries: int = 0
+    zeros: int = 0
+    nonfinite: int = 0
+    abs_sum: float = 0.0
+
+    def add(self, grad: torch.Tensor) -> None:
+        finite = torch.isfinite(grad)
+        self.entries += grad.numel()
+        self.zeros += int((grad == 0).sum())
+        self.nonfinite += int((~finite).sum())
+        self.abs_sum += float(grad[finite].abs().double().sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        finite = self.entries - self.nonfinite
+        return {
+            "zero_fraction": self.zeros / self.entries if self.entries else None,
+            "mean_abs": self.abs_sum / finite if finite else None,
+            "nonfinite_fraction": self.nonfinite / self.entries if self.entries else None,
+            "entries": self.entries,
+        }
+
+
+@dataclass
+class AttackModel:
+    """A loaded network with the loss its gradients are taken of."""
+
+    name: str
+    model: nn.Module
+    loss_name: str
+    kind: str = ""
+    loss: LossFn = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loss = image_loss(self.loss_name)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.kind = self.kind or getattr(self.model.config, "model", type(self.model).__name__)
+
+    @property
+    def channels(self) -> int:
+        return int(self.model.config.channels)
+
+
+def load_attack_model(
+    path: str | os.PathLike, device: Any = "cpu", loss_name: str | None = None
+) -> AttackModel:
+    model, ckpt = load_model(path, device)
+    return AttackModel(str(path), model, loss_name or default_loss_name(ckpt))
+
+
+def work_units(n_images: int, settings: AttackSettings, runs: int = 1) -> int:
+    """Progress units of `run_attack`: one per image per (target, ε) pair, per run."""
+    targets = 5 if settings.targeted else 1
+    return n_images * targets * len(settings.eps) * runs
+
+
+def _make_examples(
+    attacker: AttackModel,
+    settings: AttackSettings,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    if settings.method == "fgsm":
+        return fgsm(attacker.model, x, target, eps, attacker.loss, settings.targeted, grad)
+    return bim(
+        attacker.model,
+        x,
+        target,
+        eps,
+        attacker.loss,
+        settings.steps,
+        settings.bim_step_size(eps),
+        settings.targeted,
+    )
+
+
+def run_attack(
+    attacker: AttackModel,
+    victims: Sequence[AttackModel],
+    data: TestImages,
+    settings: AttackSettings,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Make adversarial examples on `attacker` and classify them with each victim.
+
+    White-box: victims == [attacker]. Black-box transfer: the attacker is the source model.
+    Returns one result dict per victim (see docs/attacks.md for the fields).
+    """
+    for victim in victims:
+        if victim.channels != attacker.channels:
+            raise EmcapsError(
+                f"{victim.name}: takes {victim.channels} input channel(s) but the source "
+                f"{attacker.name} takes {attacker.channels}; transfer needs the same input"
+            )
+    device = next(attacker.model.parameters()).device
+    num_classes = int(attacker.model.config.num_classes)
+    targets = list(range(num_classes)) if settings.targeted else [None]
+    n_eps = len(settings.eps)
+    # hits[v, e, t]: images victim v classifies as the attack's goal (true class when untargeted)
+    hits = np.zeros((len(victims), n_eps, len(targets)), dtype=np.int64)
+    hits_other = np.zeros_like(hits)  # ... counting only images whose true class is not t
+    others = np.zeros(len(targets), dtype=np.int64)  # images whose true class is not t
+    gradients = {id(m): GradientStats() for m in [attacker, *victims]}
+    start = time.perf_counter()
+    for sl in batch_slices(len(data), batch_size):
+        x = eval_batch(torch.from_numpy(data.images[sl]).to(device), attacker.channels)
+        y = torch.from_numpy(data.labels[sl]).to(device)
+        clean_grad = {}
+        for m in [attacker, *victims]:
+            if id(m) not in clean_grad:
+                clean_grad[id(m)] = input_gradient(m.model, x, y, m.loss)
+                gradients[id(m)].add(clean_grad[id(m)])
+        clean_pred = {}
+        for ti, t in enumerate(targets):
+            goal = y if t is None else torch.full_like(y, t)
+            others[ti] += int((y != goal).sum())
+            # FGSM's gradient does not depend on ε: one backward pass per target and batch.
+            grad = clean_grad[id(attacker)] if t is None else None
+            if settings.method == "fgsm" and grad is None and any(settings.eps):
+                grad = input_gradient(attacker.model, x, goal, attacker.loss)
+            for ei, eps in enumerate(settings.eps):
+                x_adv = _make_examples(attacker, settings, x, goal, eps, grad) if eps else x
+                for vi, victim in enumerate(victims):
+                    if eps == 0 and vi in clean_pred:
+                        pred = clean_pred[vi]
+                    else:
+                        pred = class_scores(victim.model, x_adv).argmax(dim=1)
+                        if eps == 0:
+                            clean_pred[vi] = pred
+                    hit = pred == goal
+                    hits[vi, ei, ti] += int(hit.sum())
+                    hits_other[vi, ei, ti] += int((hit & (y != goal)).sum())
+                if progress is not None:
+                    progress(len(y))
+    seconds = time.perf_counter() - start
+    n = len(data)
+    results = []
+    for vi, victim in enumerate(victims):
+        result: dict[str, Any] = {
+            "checkpoint": victim.name,
+            "model": victim.kind,
+            "score_kind": getattr(victim.model, "score_kind", None),
+            "method": settings.method,
+            "targeted": settings.targeted,
+            "eps": list(settings.eps),
+            "n": n,
+            "loss": attacker.loss_name,
+            "source": None,
+        }
+        if settings.method == "bim":
+            result["steps"] = settings.steps
+            result["step_size"] = [settings.bim_step_size(e) for e in settings.eps]
+        if settings.targeted:
+            by_target = hits[vi] / n  # (E, T)
+            by_target_other = hits_other[vi] / np.maximum(others, 1)  # (E, T)
+            result["success_rate"] = by_target.mean(axis=1).tolist()
+            result["success_rate_excluding_true_class"] = by_target_other.mean(axis=1).tolist()
+            result["success_rate_by_target"] = by_target.tolist()
+        else:
+            result["accuracy"] = (hits[vi, :, 0] / n).tolist()
+        result["gradient"] = gradients[id(victim)].to_dict()
+        if victim is not attacker:
+            result["source"] = {
+                "checkpoint": attacker.name,
+                "model": attacker.kind,
+                "loss": attacker.loss_name,
+                "gradient": gradients[id(attacker)].to_dict(),
+            }
+        result["seconds"] = seconds
+        results.append(result)
+    return results
+
+
+def attack_checkpoints(
+    paths: Sequence[str | os.PathLike],
+    data: TestImages,
+    settings: AttackSettings,
+    source: str | os.PathLike | None = None,
+    loss_name: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: Any = "cpu",
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Attack each checkpoint with its own gradients, or, with `source`, with the source's.
+
+    `loss_name` overrides the loss whose gradient makes the examples (default: the training loss
+    of the model whose gradients are used). One result per path, in order.
+    """
+    if loss_name is not None:
+        get_loss(loss_name)
+    if source is None:
+        results = []
+        for path in paths:
+            model = load_attack_model(path, device, loss_name)
+            results += run_attack(model, [model], data, settings, batch_size, progress)
+        return results
+    attacker = load_attack_model(source, device, loss_name)
+    victims = []
+    for path in paths:
+        if Path(path).resolve() == Path(source).resolve():
+            victims.append(attacker)
+        else:
+            victims.append(load_attack_model(path, device))
+    return run_attack(attacker, victims, data, settings, batch_size, progress)

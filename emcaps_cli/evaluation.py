@@ -1,0 +1,179 @@
+"""Test-set evaluation (section 5, Table 2): centre-crop or multi-crop error, broken down by class,
+azimuth and elevation, and for viewpoint-split checkpoints by familiar and novel viewpoints.
+
+Images go through `eval_batch` exactly as in training (per-image standardisation, then a 32x32
+crop); `class_scores` is the one forward pass every prediction uses, so `emcaps attack` at ε = 0
+reproduces `emcaps evaluate` image for image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from emcaps_cli.data.transforms import eval_batch, multicrop_offsets
+from emcaps_cli.data.viewpoints import familiar_mask
+from emcaps_cli.errors import EmcapsError
+
+# smallNORB category codes 0..4, in the order of the raw `cat` files.
+CLASS_NAMES = ("animal", "human", "airplane", "truck", "car")
+
+Progress = Callable[[int], None]
+DEFAULT_BATCH_SIZE = 128  # evaluate and attack batch alike, so ε = 0 reproduces evaluate exactly
+
+
+@dataclass(frozen=True)
+class TestImages:
+    """The first N test images: uint8 images (N, 2, 48, 48), labels (N,), info (N, 4)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    info: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_test_images(path: str | os.PathLike, limit: int | None = None) -> TestImages:
+    """The first `limit` test images of an HDF5 cache (all of them when `limit` is None)."""
+    from emcaps_cli.data.cache import load_split
+
+    if limit is not None and limit < 1:
+        raise EmcapsError(f"--limit {limit}: expected a positive number of images")
+    split = load_split(path, "test")
+    end = len(split.labels) if limit is None else min(limit, len(split.labels))
+    if end == 0:
+        raise EmcapsError(f"{path}: the test split holds no images")
+    return TestImages(
+        images=np.asarray(split.images[:end]),
+        labels=np.asarray(split.labels[:end], dtype=np.int64),
+        info=np.asarray(split.info[:end], dtype=np.int64),
+    )
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of at most `batch_size` covering range(n); the one batching rule."""
+    if batch_size < 1:
+        raise EmcapsError(f"--batch-size {batch_size}: expected a positive number")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def model_channels(model: nn.Module) -> int:
+    return int(model.config.channels)
+
+
+def class_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Standardised crops (N, channels, 32, 32) -> class scores (N, K), without autograd."""
+    with torch.no_grad():
+        return model(x)
+
+
+def test_scores(
+    model: nn.Module,
+    images: np.ndarray,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    multicrop: bool = False,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Class scores (N, K) on the CPU for uint8 images (N, 2, 48, 48).
+
+    Centre crop: the model's raw scores. Multi-crop: the mean over the crops of
+    `multicrop_offsets()` of the class activations (capsules) or of the softmax probabilities
+    (CNN: logits are not comparable across crops, probabilities are).
+    """
+    device = next(model.parameters()).device
+    channels = model_channels(model)
+    offsets = multicrop_offsets(images.shape[-1]) if multicrop else [None]
+    out = []
+    for sl in batch_slices(len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[sl])).to(device)
+        total = None
+        for offset in offsets:
+            scores = class_scores(model, eval_batch(batch, channels, offset=offset))  # (B, K)
+            if multicrop and model.score_kind == "logit":
+                scores = scores.softmax(dim=1)
+            total = scores if total is None else total + scores
+        out.append((total / len(offsets)).float().cpu())
+        if progress is not None:
+            progress(batch.shape[0])
+    return torch.cat(out)
+
+
+def _rate(errors: int, n: int) -> dict[str, Any]:
+    return {
+        "n": int(n),
+        "errors": int(errors),
+        "error_rate": errors / n if n else None,
+        "accuracy": 1 - errors / n if n else None,
+    }
+
+
+def _by_code(
+    wrong: np.ndarray, codes: np.ndarray, name: str, degrees: Callable[[int], int]
+) -> list[dict[str, Any]]:
+    """Error rate per viewpoint code present, keyed by the angle in degrees."""
+    return [
+        {name: degrees(int(code)), **_rate(wrong[codes == code].sum(), (codes == code).sum())}
+        for code in np.unique(codes)
+    ]
+
+
+def summarize(
+    predictions: np.ndarray, labels: np.ndarray, info: np.ndarray, split: str = "full"
+) -> dict[str, Any]:
+    """Error rates of predictions (N,) against labels (N,), overall and by class / viewpoint.
+
+    `info` rows are (instance, elevation, azimuth, lighting). For a checkpoint trained on a
+    viewpoint split ("azimuth" or "elevation") the result also holds "familiar" and "novel".
+    """
+    predictions = np.asarray(predictions, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    wrong = predictions != labels
+    k = len(CLASS_NAMES)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    result: dict[str, Any] = {
+        **_rate(wrong.sum(), len(labels)),
+        "per_class": [
+            {"label": c, "class": name, **_rate(wrong[labels == c].sum(), (labels == c).sum())}
+            for c, name in enumerate(CLASS_NAMES)
+        ],
+        "confusion_labels": list(CLASS_NAMES),
+        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
+        "by_azimuth": _by_code(wrong, info[:, 2], "azimuth", lambda code: 10 * code),
+        "by_elevation": _by_code(wrong, info[:, 1], "elevation", lambda code: 30 + 5 * code),
+        "split": split,
+    }
+    if split != "full":
+        familiar = familiar_mask(info, split)
+        result["familiar"] = _rate(wrong[familiar].sum(), familiar.sum())
+        result["novel"] = _rate(wrong[~familiar].sum(), (~familiar).sum())
+    return result
+
+
+def checkpoint_split(ckpt: dict[str, Any]) -> str:
+    """The viewpoint split a checkpoint was trained on; "full" when the writer did not say."""
+    return str(ckpt.get("split") or "full")
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: TestImages,
+    split: str = "full",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    multicrop: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Predict every image of `data` and summarise the errors (see `summarize`)."""
+    scores = test_scores(model, data.images, batch_size, multicrop, progress)
+    result = summarize(scores.argmax(dim=1).numpy(), data.labels, data.info, split)
+    result["multicrop"] = multicrop
+    result["crops"] = len(multicrop_offsets(data.images.shape[-1])) if multicrop else 1
+    return result
