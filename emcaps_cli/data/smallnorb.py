@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def open_raw(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise EmcapsError(f"{path}: cannot open ({exc.strerror or exc})") from None
     try:
         yield handle
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         # Corrupt gzip streams surface while reading; keep them one line.
         raise EmcapsError(f"{path}: unreadable ({exc})") from None
     finally:
