@@ -1,0 +1,172 @@
+"""EM routing (Procedure 1 of Hinton, Sabour & Frosst, 2018), vectorised and log-domain.
+
+One routing problem per (image, parent position). Tensor layout:
+
+    votes        (N, L, J, S, H)  vote of child slot s for parent type j at parent position l
+    activations  (N, L, S)        activation a_i of the child in slot s
+    beta_u/a     (J,)             learned, one per parent capsule type (shared over positions)
+    returns      poses (N, L, J, H) = μ_j, activations (N, L, J) = a_j
+
+N images, L parent positions, J parent types, S child slots per parent position (K·K·B for a
+convolutional layer, every child for the class layer), H pose entries (16).
+
+A child may fill slots at several parent positions (overlapping receptive fields). With a
+`ChildMap`, the E-step normalises each child's assignments over *every* parent that holds it —
+all positions and types — as section 4 of the paper says ("exact" routing). Without one, each
+slot is its own child and is normalised over the J types at its position only ("patch" routing,
+and the fully connected class layer).
+
+Numerics (see docs/model.md):
+- the votes are centred once on their unweighted mean per parent; every quantity below is
+  shift-invariant, so the result is exact, and the expanded quadratic forms lose less precision;
+- σ² has a floor VAR_FLOOR added, so log σ and 1/σ² stay finite for identical votes;
+- Σ_i R_ij is floored at SUM_FLOOR in divisions, so a parent with no active children has μ = the
+  mean vote and finite cost;
+- the E-step works with log(a_j p_j) and a per-child max shift, so nothing overflows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+VAR_FLOOR = 1e-4  # added to every σ², in squared pose units
+SUM_FLOOR = 1e-8  # smallest Σ_i R_ij used as a divisor
+
+
+@dataclass(frozen=True)
+class ChildMap:
+    """Which child each (parent position, slot) pair holds, for exact convolutional routing.
+
+    index        (L * S,) long: child id of slot s at parent position l, flattened as l * S + s
+    num_children number of distinct children
+    parent_count (L * S,) float: how many parent positions hold that slot's child
+    """
+
+    index: torch.Tensor
+    num_children: int
+    parent_count: torch.Tensor
+
+    def to(self, device: torch.device) -> ChildMap:
+        return ChildMap(self.index.to(device), self.num_children, self.parent_count.to(device))
+
+
+def inverse_temperatures(iters: int, final_lambda: float) -> list[float]:
+    """λ_t = λ_max (1 − 0.95^(t+1)), t = 0..iters−1: the schedule of the authors' released code."""
+    return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(iters)]
+
+
+def initial_assignments(
+    shape: tuple[int, int, int, int], child_map: ChildMap | None, like: torch.Tensor
+) -> torch.Tensor:
+    """R uniform over each child's actual parents: (N, L, J, S)."""
+    n, l, j, s = shape
+    if child_map is None:
+        return torch.full((1, 1, 1, 1), 1.0 / j, dtype=like.dtype, device=like.device).expand(
+            n, l, j, s
+        )
+    count = child_map.parent_count.to(like.dtype).view(1, l, 1, s)
+    return (1.0 / (j * count)).expand(n, l, j, s)
+
+
+def m_step(
+    assignments: torch.Tensor,
+    activations_in: torch.Tensor,
+    centred_votes: torch.Tensor,
+    centred_votes_sq: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    inverse_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Procedure 1, M-step, for every parent at once.
+
+    Returns μ (centred; N, L, J, H), σ² (N, L, J, H), the activation logit λ(β_a − Σ_h cost^h)
+    (N, L, J), and ΣR (N, L, J).
+    """
+    weighted = assignments * activations_in.unsqueeze(2)  # R_ij a_i: (N, L, J, S)
+    amount = weighted.sum(-1)  # Σ_i R_ij: (N, L, J)
+    divisor = amount.clamp_min(SUM_FLOOR).unsqueeze(-1)  # (N, L, J, 1)
+    w = weighted.unsqueeze(-2)  # (N, L, J, 1, S)
+    mean = (w @ centred_votes).squeeze(-2) / divisor  # (N, L, J, H)
+    mean_sq = (w @ centred_votes_sq).squeeze(-2) / divisor  # (N, L, J, H)
+    variance = (mean_sq - mean.square()).clamp_min(0.0) + VAR_FLOOR  # (N, L, J, H)
+    log_sigma = 0.5 * variance.log()
+    cost = ((beta_u.view(-1, 1) + log_sigma) * amount.unsqueeze(-1)).sum(-1)  # (N, L, J)
+    logit = inverse_temperature * (beta_a - cost)
+    return mean, variance, logit, amount
+
+
+def e_step_logits(
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    log_activation: torch.Tensor,
+    centred_votes: torch.Tensor,
+    centred_votes_sq: torch.Tensor,
+) -> torch.Tensor:
+    """log(a_j p_j) for every (child slot, parent): (N, L, J, S), Procedure 1 E-step line 2."""
+    h = mean.shape[-1]
+    inv_var = variance.reciprocal()  # (N, L, J, H)
+    # Σ_h (v − μ)²/σ² expanded as Σ v² /σ² − 2 Σ v μ/σ² + Σ μ²/σ²: matrix-vector products over h.
+    quad = (
+        (centred_votes_sq @ inv_var.unsqueeze(-1)).squeeze(-1)
+        - 2.0 * (centred_votes @ (mean * inv_var).unsqueeze(-1)).squeeze(-1)
+        + (mean.square() * inv_var).sum(-1, keepdim=True)
+    ).clamp_min(0.0)  # (N, L, J, S)
+    log_norm = 0.5 * variance.log().sum(-1, keepdim=True) + 0.5 * h * math.log(2 * math.pi)
+    return log_activation.unsqueeze(-1) - 0.5 * quad - log_norm  # (N, L, J, S)
+
+
+def normalise_assignments(logits: torch.Tensor, child_map: ChildMap | None) -> torch.Tensor:
+    """R_ij = a_j p_j / Σ_k a_k p_k over each child's parents, from log(a_j p_j): (N, L, J, S)."""
+    if child_map is None:
+        return torch.softmax(logits, dim=2)
+    n, l, j, s = logits.shape
+    index = child_map.index
+    # A per-child shift (the max over all its parents) keeps exp() in range; R is shift-free.
+    slot_max = logits.detach().amax(dim=2).reshape(n, l * s)  # (N, L*S)
+    child_max = slot_max.new_full((n, child_map.num_children), -torch.inf)
+    child_max = child_max.scatter_reduce(1, index.expand(n, -1), slot_max, "amax")
+    shift = child_max[:, index].view(n, l, 1, s)  # (N, L, 1, S)
+    unnorm = (logits - shift).exp()  # (N, L, J, S)
+    slot_sum = unnorm.sum(dim=2).reshape(n, l * s)  # (N, L*S)
+    child_sum = slot_sum.new_zeros(n, child_map.num_children).index_add(1, index, slot_sum)
+    return unnorm / child_sum[:, index].view(n, l, 1, s)
+
+
+def em_routing(
+    votes: torch.Tensor,
+    activations_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    iters: int = 3,
+    final_lambda: float = 0.01,
+    child_map: ChildMap | None = None,
+    return_assignments: bool = False,
+):
+    """Procedure 1. votes (N, L, J, S, H), activations_in (N, L, S), β (J,).
+
+    Returns (poses (N, L, J, H), activations (N, L, J)), plus the last E-step's assignments
+    R (N, L, J, S) when `return_assignments` (then the E-step also runs after the last M-step).
+    """
+    n, l, j, s, h = votes.shape
+    # Centre on a constant (detached) per-parent shift: exact, and better conditioned.
+    shift = votes.detach().mean(dim=3, keepdim=True)  # (N, L, J, 1, H)
+    centred = votes - shift  # (N, L, J, S, H)
+    centred_sq = centred.square()  # (N, L, J, S, H)
+    assignments = initial_assignments((n, l, j, s), child_map, votes)  # (N, L, J, S)
+    lambdas = inverse_temperatures(iters, final_lambda)
+    for t, lam in enumerate(lambdas):
+        mean, variance, logit, _ = m_step(
+            assignments, activations_in, centred, centred_sq, beta_u, beta_a, lam
+        )
+        if t < iters - 1 or return_assignments:
+            logits = e_step_logits(mean, variance, F.logsigmoid(logit), centred, centred_sq)
+            assignments = normalise_assignments(logits, child_map)
+    poses = mean + shift.squeeze(3)  # (N, L, J, H)
+    activations = torch.sigmoid(logit)  # (N, L, J)
+    if return_assignments:
+        return poses, activations, assignments
+    return poses, activations
