@@ -24,11 +24,12 @@ ROUTINGS = ("exact", "patch")
 class ModelConfig:
     """Everything needed to rebuild a network; stored in every checkpoint.
 
-    arch            (A, B, C, D) of Fig. 1: ReLU-conv channels, primary, conv1 and conv2 capsule types
+    arch            (A, B, C, D) of Fig. 1: ReLU-conv channels; primary, conv1, conv2 capsule types
     iters           EM routing iterations (Table 1: 1, 2, 3, 5)
     pose            "matrix": 4x4 poses and 4x4 W; "vector": 16-vector poses and 16x16 W (Table 1)
     coord_add       Coordinate Addition in the class-capsule layer (section 4)
-    channels        2: both stereo views as channels (as the authors' released code); 1: left view only
+    channels        2: both stereo views as channels (as the authors' released code);
+                    1: the left view only
     routing         "exact": a child's assignments are normalised over every parent whose receptive
                     field holds it (section 4); "patch": each K x K patch routed on its own
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))

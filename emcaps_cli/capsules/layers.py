@@ -162,7 +162,7 @@ class ClassCaps(nn.Module):
         self.register_buffer("coordinates", torch.zeros(0, 2), persistent=False)
 
     def votes(self, poses: torch.Tensor) -> torch.Tensor:
-        """poses (N, H, W, D, 16) -> votes (N, 1, classes, H*W*D, 16), slot = position * D + type."""
+        """poses (N, H, W, D, 16) -> votes (N, 1, classes, H*W*D, 16); slot = position*D + type."""
         n, h, w, d, p = poses.shape
         x = poses.reshape(n, 1, h * w, d, p).transpose(1, 2).reshape(n * h * w, 1, d, p)
         v = compute_votes(x, self.transforms, self.rows, self.row_len)  # (N*H*W, 1, J, D, 16)
