@@ -367,17 +367,18 @@ def attack_checkpoints(
     """
     if loss_name is not None:
         get_loss(loss_name)
+    # Every file is loaded before any work, so a bad path fails at once, not after an hour.
     if source is None:
+        models = [load_attack_model(path, device, loss_name) for path in paths]
         results = []
-        for path in paths:
-            model = load_attack_model(path, device, loss_name)
+        for model in models:
             results += run_attack(model, [model], data, settings, batch_size, progress)
         return results
     attacker = load_attack_model(source, device, loss_name)
-    victims = []
-    for path in paths:
-        if Path(path).resolve() == Path(source).resolve():
-            victims.append(attacker)
-        else:
-            victims.append(load_attack_model(path, device))
+    victims = [
+        attacker
+        if Path(path).resolve() == Path(source).resolve()
+        else load_attack_model(path, device)
+        for path in paths
+    ]
     return run_attack(attacker, victims, data, settings, batch_size, progress)

@@ -1,0 +1,116 @@
+"""`emcaps evaluate CKPT`: test error of a checkpoint, by class, viewpoint and familiarity."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from emcaps_cli.checkpoint import load_model
+from emcaps_cli.cli._common import console, friendly_errors, print_json
+from emcaps_cli.device import resolve_device
+from emcaps_cli.evaluation import (
+    CLASS_NAMES,
+    DEFAULT_BATCH_SIZE,
+    checkpoint_split,
+    evaluate_model,
+    load_test_images,
+)
+
+DEFAULT_DATA = Path("data/smallnorb.h5")
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str) -> Iterator[Any]:
+    """A transient progress bar on stderr; yields `advance(k)`."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda k: progress.advance(task, k)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _rate_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for name in (key, "n", "errors", "error"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(str(row[key]), str(row["n"]), str(row["errors"]), _percent(row["error_rate"]))
+    return table
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """Human-readable tables of an evaluation result, on stderr."""
+    crops = f"{result['crops']} crops" if result["multicrop"] else "centre crop"
+    console.print(
+        f"{result['checkpoint']} ({result['model']}, {crops}): test error "
+        f"{_percent(result['error_rate'])} on {result['n']} images"
+    )
+    console.print(_rate_table("Per class", "class", result["per_class"]))
+    confusion = Table(title="Confusion (rows: true, columns: predicted)")
+    confusion.add_column("")
+    for name in CLASS_NAMES:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(CLASS_NAMES, result["confusion"], strict=True):
+        confusion.add_row(name, *(str(v) for v in row))
+    console.print(confusion)
+    console.print(_rate_table("By azimuth (degrees)", "azimuth", result["by_azimuth"]))
+    console.print(_rate_table("By elevation (degrees)", "elevation", result["by_elevation"]))
+    if "familiar" in result:
+        rows = [{"viewpoints": k, **result[k]} for k in ("familiar", "novel")]
+        console.print(_rate_table(f"{result['split']} split", "viewpoints", rows))
+
+
+@friendly_errors
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint written by `emcaps train`."),
+    data: Path = typer.Option(DEFAULT_DATA, "--data", help="HDF5 cache from `emcaps prepare`."),
+    multicrop: bool = typer.Option(
+        False,
+        "--multicrop",
+        help="Average class activations over the centre and 4 diagonal crops (the CNN averages "
+        "softmax probabilities). Default: the centre crop only.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per batch."),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Evaluate only the first N test images."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Test error of a checkpoint: overall, per class, confusion matrix, by azimuth and
+    elevation, and familiar vs novel viewpoints for a checkpoint trained on a viewpoint split."""
+    torch_device = resolve_device(device)
+    model, ckpt = load_model(checkpoint, torch_device)
+    test = load_test_images(data, limit)
+    with progress_bar(len(test), f"evaluating {checkpoint.name}") as advance:
+        result = evaluate_model(
+            model, test, checkpoint_split(ckpt), batch_size, multicrop, progress=advance
+        )
+    result = {
+        "checkpoint": str(checkpoint),
+        "model": model.config.model,
+        "score_kind": model.score_kind,
+        **result,
+    }
+    if json_out:
+        print_json(result)
+    else:
+        print_report(result)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)
