@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 # Add a module here when its command lands.
-COMMANDS = ("prepare", "synth", "summary", "evaluate", "attack")
+COMMANDS = ("prepare", "synth", "summary", "train", "evaluate", "attack")
 
 for _name in COMMANDS:
     importlib.import_module(f"emcaps_cli.cli.{_name}").register(app)

@@ -1,0 +1,300 @@
+"""The training library: splits, learning, checkpoints, exact resume, the NaN guard, signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cache
+from torch import nn
+
+from emcaps_cli import training
+from emcaps_cli.checkpoint import load_model
+from emcaps_cli.data.viewpoints import familiar_mask
+from emcaps_cli.errors import EmcapsError
+from emcaps_cli.losses import get_loss
+from emcaps_cli.models import ModelConfig
+from emcaps_cli.training import (
+    Reporter,
+    TrainConfig,
+    TrainingInterrupted,
+    resume_config,
+    split_indices,
+    train,
+)
+
+
+class TinyNet(nn.Module):
+    """A few thousand parameters, with dropout so the global RNG matters for exact resume."""
+
+    score_kind = "logit"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(config.channels, 8, 5, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(8, config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(images).flatten(1)))  # (N, 5)
+
+
+@pytest.fixture
+def tiny_net(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training, "build_model", TinyNet)
+
+
+class StepLosses(Reporter):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def step(self, done: int, loss: float, images_per_second: float) -> None:
+        self.losses.append(loss)
+
+
+def cnn_config(cache: Path, out: Path, **kw) -> TrainConfig:
+    defaults = dict(
+        data=str(cache),
+        out=str(out),
+        model=ModelConfig(model="cnn"),
+        epochs=1,
+        batch_size=20,
+        lr=3e-3,
+        device="cpu",
+    )
+    return TrainConfig(**{**defaults, **kw})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model_state"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+
+def test_split_indices_are_reproducible_disjoint_and_familiar() -> None:
+    rng = np.random.default_rng(0)
+    info = np.stack(
+        [rng.integers(0, 10, 500), rng.integers(0, 9, 500), 2 * rng.integers(0, 18, 500)], 1
+    )
+    info = np.concatenate([info, np.zeros((500, 1), dtype=info.dtype)], axis=1)
+    a = split_indices(info, info, "azimuth", 0.2, seed=3, limit_train=60, limit_test=50)
+    b = split_indices(info, info, "azimuth", 0.2, seed=3, limit_train=60, limit_test=50)
+    assert all(
+        np.array_equal(getattr(a, f), getattr(b, f)) for f in ("train", "validation", "test")
+    )
+    assert len(a.train) + len(a.validation) == 60 and len(a.validation) == 12
+    assert not set(a.train) & set(a.validation)
+    assert familiar_mask(info[np.concatenate([a.train, a.validation])], "azimuth").all()
+    assert len(a.test) == 50
+    assert np.array_equal(a.test_familiar, familiar_mask(info[a.test], "azimuth"))
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+
+def test_loss_falls_over_a_few_steps(tmp_path: Path, tiny_net: None) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=200, n_test=20)
+    steps = StepLosses()
+    train(cnn_config(cache, tmp_path / "run", epochs=2, lr=1e-2), reporter=steps)
+    assert len(steps.losses) == 18  # 180 training images (10% held out), batches of 20
+    assert np.mean(steps.losses[-4:]) < np.mean(steps.losses[:4]) - 0.1
+
+
+def test_small_model_learns_a_learnable_set_well_above_chance(
+    tmp_path: Path, tiny_net: None
+) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=300, n_test=100)
+    result = train(cnn_config(cache, tmp_path / "run", epochs=6, lr=1e-2))
+    assert result.last_metrics["test_error"] < 0.35  # chance is 0.8
+    assert result.last_metrics["validation_error"] < 0.35
+
+
+def test_capsule_network_trains(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=64, n_test=16)
+    capsnet = ModelConfig(model="capsnet", arch=(8, 4, 4, 4), iters=1)
+    steps = StepLosses()
+    config = cnn_config(cache, tmp_path / "run", model=capsnet, epochs=2, batch_size=16)
+    result = train(config, reporter=steps)
+    assert all(np.isfinite(steps.losses))
+    metrics = result.last_metrics
+    assert 0 <= metrics["test_error"] <= 1 and metrics["margin"] > 0.2
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["train_config"]["loss"] == "spread"
+    model, _ = load_model(tmp_path / "run" / "best.pt")
+    assert model(torch.zeros(2, 2, 32, 32)).shape == (2, 5)
+
+
+# --- run directory and checkpoints ------------------------------------------------------------
+
+
+def test_run_directory_and_checkpoint_rebuild(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=40, n_test=20)
+    run = tmp_path / "run"
+    train(cnn_config(cache, run, epochs=1))
+    assert {p.name for p in run.iterdir()} >= {
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "curves.png",
+    }
+    (line,) = (run / "metrics.jsonl").read_text().splitlines()
+    metrics = json.loads(line)
+    for key in ("train_loss", "margin", "lr", "train_error", "validation_error", "test_error"):
+        assert key in metrics
+    assert metrics["images_per_second"] > 0 and metrics["seconds"] > 0
+
+    data = torch.load(run / "best.pt", weights_only=True)
+    assert data["model_config"]["model"] == "cnn" and data["split"] == "full"
+    assert data["epoch"] == 1 and data["train_config"]["batch_size"] == 20
+    model, loaded = load_model(run / "best.pt")
+    assert loaded["epoch"] == 1
+    x = torch.randn(3, 2, 32, 32)
+    twin = TrainConfig.from_dict(data["train_config"])
+    assert twin.model == ModelConfig.from_dict(data["model_config"])
+    assert model(x).shape == (3, 5)
+    assert training.resolve_checkpoint(run) == run / "best.pt"
+
+    with pytest.raises(EmcapsError, match="already holds a run"):
+        train(cnn_config(cache, run, epochs=1))
+
+
+def test_split_azimuth_reports_familiar_and_novel(tmp_path: Path, tiny_net: None) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=120, n_test=60)
+    run = tmp_path / "run"
+    train(cnn_config(cache, run, split="azimuth", validation_fraction=0.2))
+    metrics = json.loads((run / "metrics.jsonl").read_text())
+    assert metrics["test_familiar_error"] is not None and metrics["test_novel_error"] is not None
+    config = json.loads((run / "config.json").read_text())
+    assert 0 < config["images"]["test_familiar"] < config["images"]["test"] == 60
+    assert config["images"]["train"] + config["images"]["validation"] < 120
+    assert torch.load(run / "last.pt", weights_only=True)["split"] == "azimuth"
+
+
+def test_stop_at_error_stops_after_the_epoch_that_reaches_it(
+    tmp_path: Path, tiny_net: None
+) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=60, n_test=20)
+    result = train(
+        cnn_config(cache, tmp_path / "run", epochs=5, split="elevation", stop_at_error=1.0)
+    )
+    assert result.stopped == "stop-at-error" and result.epochs_completed == 1
+
+
+def test_amp_is_refused_on_cpu(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
+    with pytest.raises(EmcapsError, match="--amp"):
+        train(cnn_config(cache, tmp_path / "run", amp=True))
+
+
+# --- exact resume -----------------------------------------------------------------------------
+
+
+def test_resume_after_an_epoch_matches_a_straight_run(tmp_path: Path, tiny_net: None) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
+    common = dict(epochs=2, loss="spread", margin_epochs=1.5)
+    straight = tmp_path / "straight"
+    train(cnn_config(cache, straight, **common))
+
+    split_run = tmp_path / "split"
+    train(cnn_config(cache, split_run, **{**common, "epochs": 1}))
+    train(resume_config(split_run, epochs=2), resume=True)
+    assert_same_weights(straight / "last.pt", split_run / "last.pt")
+    history = [json.loads(x) for x in (split_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in history] == [1, 2]
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
+    tmp_path: Path, tiny_net: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
+    straight = tmp_path / "straight"
+    train(cnn_config(cache, straight, epochs=2))
+
+    calls = {"n": 0}
+
+    def loss_that_signals(name: str):
+        fn = get_loss(name)
+
+        def wrapped(scores, target, margin):
+            calls["n"] += 1
+            if calls["n"] == 7:  # step 2 of epoch 2 (5 steps per epoch)
+                signal.raise_signal(signal.SIGTERM)
+            return fn(scores, target, margin)
+
+        return wrapped
+
+    monkeypatch.setattr(training, "get_loss", loss_that_signals)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cnn_config(cache, run, epochs=2))
+    assert info.value.signum == signal.SIGTERM
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    monkeypatch.setattr(training, "get_loss", get_loss)
+    train(dataclasses.replace(resume_config(run)), resume=True)
+    assert_same_weights(straight / "last.pt", run / "last.pt")
+    ours = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    theirs = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ours["train_error"] == theirs["train_error"]
+    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-9)
+
+
+def test_resume_refuses_changed_options(tmp_path: Path, tiny_net: None) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
+    run = tmp_path / "run"
+    train(cnn_config(cache, run))
+    with pytest.raises(EmcapsError, match="--lr"):
+        resume_config(run, lr=0.1, epochs=3)
+    with pytest.raises(EmcapsError, match="--batch-size"):
+        train(cnn_config(cache, run, epochs=3, batch_size=7), resume=True)
+    with pytest.raises(EmcapsError, match="larger --epochs"):
+        train(resume_config(run), resume=True)
+
+
+# --- robustness -------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(
+    tmp_path: Path, tiny_net: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
+    reference = tmp_path / "reference"
+    train(cnn_config(cache, reference, epochs=1))
+
+    calls = {"n": 0}
+
+    def loss_that_explodes(name: str):
+        fn = get_loss(name)
+
+        def wrapped(scores, target, margin):
+            calls["n"] += 1
+            loss = fn(scores, target, margin)
+            return loss * float("nan") if calls["n"] == 8 else loss
+
+        return wrapped
+
+    monkeypatch.setattr(training, "get_loss", loss_that_explodes)
+    run = tmp_path / "run"
+    with pytest.raises(EmcapsError, match=r"non-finite training loss \(nan\) at epoch 2, step 3"):
+        train(cnn_config(cache, run, epochs=3))
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 0)
+    assert_same_weights(reference / "last.pt", run / "last.pt")
