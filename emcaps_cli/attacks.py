@@ -30,8 +30,8 @@ from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.evaluation import (
     DEFAULT_BATCH_SIZE,
+    EvalImages,
     Progress,
-    TestImages,
     batch_slices,
     class_scores,
 )
@@ -255,7 +255,7 @@ def _make_examples(
 def run_attack(
     attacker: AttackModel,
     victims: Sequence[AttackModel],
-    data: TestImages,
+    data: EvalImages,
     settings: AttackSettings,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
@@ -352,7 +352,7 @@ def run_attack(
 
 def attack_checkpoints(
     paths: Sequence[str | os.PathLike],
-    data: TestImages,
+    data: EvalImages,
     settings: AttackSettings,
     source: str | os.PathLike | None = None,
     loss_name: str | None = None,

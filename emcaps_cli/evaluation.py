@@ -29,7 +29,7 @@ DEFAULT_BATCH_SIZE = 128  # evaluate and attack batch alike, so ε = 0 reproduce
 
 
 @dataclass(frozen=True)
-class TestImages:
+class EvalImages:
     """The first N test images: uint8 images (N, 2, 48, 48), labels (N,), info (N, 4)."""
 
     images: np.ndarray
@@ -40,7 +40,7 @@ class TestImages:
         return len(self.labels)
 
 
-def load_test_images(path: str | os.PathLike, limit: int | None = None) -> TestImages:
+def load_test_images(path: str | os.PathLike, limit: int | None = None) -> EvalImages:
     """The first `limit` test images of an HDF5 cache (all of them when `limit` is None)."""
     from emcaps_cli.data.cache import load_split
 
@@ -50,7 +50,7 @@ def load_test_images(path: str | os.PathLike, limit: int | None = None) -> TestI
     end = len(split.labels) if limit is None else min(limit, len(split.labels))
     if end == 0:
         raise EmcapsError(f"{path}: the test split holds no images")
-    return TestImages(
+    return EvalImages(
         images=np.asarray(split.images[:end]),
         labels=np.asarray(split.labels[:end], dtype=np.int64),
         info=np.asarray(split.info[:end], dtype=np.int64),
@@ -75,7 +75,7 @@ def class_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def test_scores(
+def predict_scores(
     model: nn.Module,
     images: np.ndarray,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -165,14 +165,14 @@ def checkpoint_split(ckpt: dict[str, Any]) -> str:
 
 def evaluate_model(
     model: nn.Module,
-    data: TestImages,
+    data: EvalImages,
     split: str = "full",
     batch_size: int = DEFAULT_BATCH_SIZE,
     multicrop: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Predict every image of `data` and summarise the errors (see `summarize`)."""
-    scores = test_scores(model, data.images, batch_size, multicrop, progress)
+    scores = predict_scores(model, data.images, batch_size, multicrop, progress)
     result = summarize(scores.argmax(dim=1).numpy(), data.labels, data.info, split)
     result["multicrop"] = multicrop
     result["crops"] = len(multicrop_offsets(data.images.shape[-1])) if multicrop else 1
