@@ -1,0 +1,74 @@
+"""`emcaps train` through the command line (CliRunner), on tiny data with the baseline CNN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import make_cache
+from typer.testing import CliRunner
+
+from emcaps_cli.cli import app
+
+runner = CliRunner()
+
+QUICK = ["--model", "cnn", "--device", "cpu", "--batch-size", "10", "--limit-test", "10"]
+
+
+def test_help_explains_units_and_defaults() -> None:
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = result.output
+    for phrase in ("--stop-at-error", "0.037 means 3.7%", "half of --epochs", "[default: 32]"):
+        assert phrase in text
+
+
+def test_bad_data_path_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.h5"
+    result = runner.invoke(app, ["train", "--data", str(missing), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
+
+
+def test_train_writes_the_run_and_resume_extends_it(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=40, n_test=20)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(cache), "--out", str(run), *QUICK, "--limit-train", "30"]
+    first = runner.invoke(app, [*args, "--epochs", "1", "--json"])
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.stdout)
+    assert result["epochs_completed"] == 1 and result["run_dir"] == str(run)
+    assert "epoch 1" in first.stderr  # the one-line summary; no bars off a terminal
+    config = json.loads((run / "config.json").read_text())
+    assert config["train_config"]["loss"] == "cross-entropy"
+    assert config["images"] == {"train": 27, "validation": 3, "test": 10, "test_familiar": 10}
+
+    changed = runner.invoke(app, ["train", "--out", str(run), "--resume", "--lr", "0.1"])
+    assert changed.exit_code == 2 and "--lr" in changed.output
+
+    resumed = runner.invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_split_azimuth_prints_familiar_and_novel(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=60, n_test=30)
+    run = tmp_path / "run"
+    out = runner.invoke(
+        app,
+        ["train", "--data", str(cache), "--out", str(run), *QUICK, "--split", "azimuth"]
+        + ["--epochs", "1", "--limit-test", "30"],
+    )
+    assert out.exit_code == 0, out.output
+    assert "familiar" in out.stderr and "novel" in out.stderr
+
+
+def test_amp_on_cpu_is_refused_clearly(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=10, n_test=10)
+    out = runner.invoke(
+        app, ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *QUICK, "--amp"]
+    )
+    assert out.exit_code == 2 and "--amp" in out.output and "CUDA" in out.output
