@@ -60,7 +60,7 @@ def test_a_sphere_projects_to_a_disc_of_the_perspective_radius() -> None:
     expected_radius = angular / synth.HALF_FOV_TAN * synth.RAW / 2
     assert area == pytest.approx(np.pi * expected_radius**2, rel=0.03)
     # The normal at the disc centre points back at the camera.
-    centre = geometry.normals[geometry.hit].mean(axis=0)
+    centre = geometry.normals.mean(axis=0)
     assert centre @ -geometry.forward / np.linalg.norm(centre) > 0.999
 
 
@@ -140,6 +140,12 @@ def test_same_seed_same_bytes_other_seed_other_views(one_view: Path, tmp_path: P
         assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes()
     other = synth.plan_split("train", views=1, seed=8).info
     assert not np.array_equal(other, synth.plan_split("train", views=1, seed=7).info)
+
+
+def test_parallel_rendering_writes_the_same_bytes(one_view: Path, tmp_path: Path) -> None:
+    synth.write_synthetic(tmp_path / "par", views=1, seed=7, workers=2)
+    for path in one_view.iterdir():
+        assert (tmp_path / "par" / path.name).read_bytes() == path.read_bytes()
 
 
 def test_gzip_option_writes_the_same_content(one_view: Path, tmp_path: Path) -> None:

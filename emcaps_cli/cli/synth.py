@@ -20,6 +20,9 @@ def synth(
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds the view choice and the pixel noise."),
     gzip: bool = typer.Option(False, "--gzip", help="Write .mat.gz files."),
+    workers: int = typer.Option(
+        1, "--workers", help="Render processes; the files are the same for any number."
+    ),
 ) -> None:
     """Render 5 categories x 10 instances of 3D toys on the smallNORB viewpoint grid."""
     start = time.perf_counter()
@@ -31,6 +34,7 @@ def synth(
             views=views,
             seed=seed,
             gzipped=gzip,
+            workers=workers,
             on_start=lambda total: progress.update(task, total=total),
             on_progress=lambda k: progress.advance(task, k),
         )

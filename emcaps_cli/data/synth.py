@@ -298,8 +298,8 @@ def _intersect(p: Primitive, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray
     if p.kind == BOX:
         with np.errstate(divide="ignore", invalid="ignore"):
             t1, t2 = (-1 - o) / d, (1 - o) / d
-        near = np.nanmax(np.minimum(t1, t2), axis=1)
-        far = np.nanmin(np.maximum(t1, t2), axis=1)
+        near = np.minimum(t1, t2).max(axis=1)
+        far = np.maximum(t1, t2).min(axis=1)
         return np.where((far >= near) & (near > 0), near, inf)
     # Cylinder: the side (x^2 + y^2 = 1 with |z| <= 1) or a cap (z = +-1 with x^2 + y^2 <= 1).
     dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
@@ -336,11 +336,11 @@ def _normals(p: Primitive, origin: np.ndarray, dirs: np.ndarray, t: np.ndarray) 
 
 @dataclass
 class Geometry:
-    """One camera's view of an object at SUPERSAMPLE resolution, flattened to R pixels."""
+    """One camera's view of an object at SUPERSAMPLE resolution, R = (96 SUPERSAMPLE)^2 rays."""
 
-    hit: np.ndarray  # (R,) bool
-    normals: np.ndarray  # (R, 3) world unit normals (zero where no hit)
-    albedo: np.ndarray  # (R,)
+    hit: np.ndarray  # (R,) bool, the ray meets the object
+    normals: np.ndarray  # (H, 3) float32 world unit normals of the H hit rays, in ray order
+    albedo: np.ndarray  # (H,) float32
     right: np.ndarray
     up: np.ndarray
     forward: np.ndarray
@@ -369,17 +369,17 @@ def render_geometry(
         closer = t < depth
         depth[closer] = t[closer]
         owner[closer] = i
-    normals = np.zeros((n * n, 3))
-    albedo = np.zeros(n * n)
     hit = np.zeros(n * n, dtype=bool)
+    hit[active[owner >= 0]] = True
+    normals = np.zeros((len(rays), 3), dtype=np.float32)
+    albedo = np.zeros(len(rays), dtype=np.float32)
     for i, p in enumerate(parts):
         mine = owner == i
         if mine.any():
-            pixels = active[mine]
-            normals[pixels] = _normals(p, position, rays[mine], depth[mine].astype(float))
-            albedo[pixels] = p.albedo
-            hit[pixels] = True
-    return Geometry(hit, normals, albedo, right, up, forward)
+            normals[mine] = _normals(p, position, rays[mine], depth[mine].astype(float))
+            albedo[mine] = p.albedo
+    seen = owner >= 0  # active rays are in pixel order, so these line up with hit
+    return Geometry(hit, normals[seen], albedo[seen], right, up, forward)
 
 
 def shade(geometry: Geometry, lighting: int) -> np.ndarray:
@@ -387,18 +387,10 @@ def shade(geometry: Geometry, lighting: int) -> np.ndarray:
     (r, u, toward), intensity, ambient = LIGHTS[lighting]
     light = r * geometry.right + u * geometry.up - toward * geometry.forward
     light /= np.linalg.norm(light)
-    lambert = np.maximum(geometry.normals @ light, 0.0)
-    value = np.where(
-        geometry.hit,
-        255.0 * geometry.albedo * (ambient + intensity * lambert),
-        BACKGROUND[lighting],
-    )
-    n = RAW * SUPERSAMPLE
-    return (
-        value.reshape(RAW, SUPERSAMPLE, RAW, SUPERSAMPLE).mean(axis=(1, 3))
-        if n != RAW
-        else (value.reshape(RAW, RAW))
-    )
+    lambert = np.maximum(geometry.normals @ light.astype(np.float32), 0.0)
+    value = np.full(geometry.hit.shape, BACKGROUND[lighting], dtype=np.float32)
+    value[geometry.hit] = 255.0 * geometry.albedo * (ambient + intensity * lambert)
+    return value.reshape(RAW, SUPERSAMPLE, RAW, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def _to_uint8(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
