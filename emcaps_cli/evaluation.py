@@ -107,11 +107,12 @@ def predict_scores(
 
 
 def _rate(errors: int, n: int) -> dict[str, Any]:
+    errors, n = int(errors), int(n)
     return {
-        "n": int(n),
-        "errors": int(errors),
+        "n": n,
+        "errors": errors,
         "error_rate": errors / n if n else None,
-        "accuracy": 1 - errors / n if n else None,
+        "accuracy": (n - errors) / n if n else None,
     }
 
 
