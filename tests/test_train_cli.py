@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_cache
 from typer.testing import CliRunner
@@ -14,6 +15,8 @@ from emcaps_cli.cli import app
 runner = CliRunner()
 
 QUICK = ["--model", "cnn", "--device", "cpu", "--batch-size", "10", "--limit-test", "10"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_help_explains_units_and_defaults() -> None:

@@ -28,6 +28,8 @@ from emcaps_cli.training import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class TinyNet(nn.Module):
     """A few thousand parameters, with dropout so the global RNG matters for exact resume."""

@@ -106,7 +106,7 @@ class RichReporter(Reporter):
     def epoch_end(self, metrics: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.advance(self.epoch_task)
-        console.print(epoch_line(metrics))
+        console.print(epoch_line(metrics), soft_wrap=True)
 
     def note(self, text: str) -> None:
         console.print(f"note: {text}")
