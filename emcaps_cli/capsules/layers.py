@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from emcaps_cli.capsules import geometry
-from emcaps_cli.capsules.routing import em_routing
-
-POSE_SIZE = 16
+from emcaps_cli.capsules.fused_routing import RoutingSpec, route
+from emcaps_cli.capsules.votes import POSE_SIZE, compute_votes
 
 
 def pose_rows(pose: str) -> tuple[int, int]:
@@ -27,23 +26,6 @@ def pose_rows(pose: str) -> tuple[int, int]:
 def init_transforms(shape: tuple[int, ...], row_len: int) -> nn.Parameter:
     """W ~ N(0, 1/row_len): a vote entry sums row_len products, so votes keep the poses' scale."""
     return nn.Parameter(torch.randn(shape) / row_len**0.5)
-
-
-def compute_votes(
-    child_poses: torch.Tensor, transforms: torch.Tensor, rows: int, row_len: int
-) -> torch.Tensor:
-    """Votes V = pose @ W as one batched matmul per child slot.
-
-    child_poses (N, L, S, 16), transforms (S, J, row_len, row_len) -> votes (N, L, J, S, 16).
-    """
-    n, l, s, _ = child_poses.shape
-    j = transforms.shape[1]
-    x = child_poses.reshape(n * l, s, rows, row_len).permute(1, 0, 2, 3)  # (S, N*L, rows, q)
-    x = x.reshape(s, n * l * rows, row_len)  # (S, N*L*rows, q)
-    w = transforms.permute(0, 2, 1, 3).reshape(s, row_len, j * row_len)  # (S, q, J*q)
-    v = torch.bmm(x, w)  # (S, N*L*rows, J*q)
-    v = v.view(s, n, l, rows, j, row_len).permute(1, 2, 4, 0, 3, 5)  # (N, L, J, S, rows, q)
-    return v.reshape(n, l, j, s, POSE_SIZE)
 
 
 class PrimaryCaps(nn.Module):
@@ -111,23 +93,26 @@ class ConvCaps(nn.Module):
             self._geometry[key] = (positions.to(device), child_map, (out_h, out_w))
         return self._geometry[key]
 
-    def votes(self, poses: torch.Tensor) -> torch.Tensor:
-        """poses (N, H, W, B, 16) -> votes (N, L, J, K*K*B, 16)."""
+    def patches(self, poses: torch.Tensor) -> torch.Tensor:
+        """poses (N, H, W, B, 16) -> child poses per parent position (N, L, K*K*B, 16)."""
         n, h, w, b, p = poses.shape
         positions, _, _ = self.geometry(h, w, poses.device)
         patches = poses.reshape(n, h * w, b, p)[:, positions]  # (N, L, K*K, B, 16)
-        patches = patches.reshape(n, positions.shape[0], -1, p)  # (N, L, S, 16)
-        return compute_votes(patches, self.transforms, self.rows, self.row_len)
+        return patches.reshape(n, positions.shape[0], -1, p)
+
+    def votes(self, poses: torch.Tensor) -> torch.Tensor:
+        """poses (N, H, W, B, 16) -> votes (N, L, J, K*K*B, 16)."""
+        return compute_votes(self.patches(poses), self.transforms, self.rows, self.row_len)
 
     def forward(
         self, poses: torch.Tensor, activations: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, h, w, b, p = poses.shape
         positions, child_map, (out_h, out_w) = self.geometry(h, w, poses.device)
-        votes = self.votes(poses)  # (N, L, J, S, 16)
         a_in = activations.reshape(n, h * w, b)[:, positions].reshape(n, positions.shape[0], -1)
-        out_poses, out_act = em_routing(
-            votes, a_in, self.beta_u, self.beta_a, self.iters, self.final_lambda, child_map
+        spec = RoutingSpec(self.iters, self.final_lambda, child_map, self.rows, self.row_len)
+        out_poses, out_act = route(
+            self.patches(poses), self.transforms, a_in, self.beta_u, self.beta_a, spec
         )  # (N, L, J, 16), (N, L, J)
         return (
             out_poses.reshape(n, out_h, out_w, self.out_types, p),
@@ -161,26 +146,38 @@ class ClassCaps(nn.Module):
         # Scaled receptive-field centres of the input grid, (H*W, 2); set by the network.
         self.register_buffer("coordinates", torch.zeros(0, 2), persistent=False)
 
-    def votes(self, poses: torch.Tensor) -> torch.Tensor:
-        """poses (N, H, W, D, 16) -> votes (N, 1, classes, H*W*D, 16); slot = position*D + type."""
+    def slot_inputs(self, poses: torch.Tensor):
+        """The class layer as one routing problem per image, slot = position * D + type.
+
+        poses (N, H, W, D, 16) -> child poses (N, 1, S, 16), per-slot transforms (S, J, q, q)
+        (shared across positions), per-slot vote offset (S, 16) or None.
+        """
         n, h, w, d, p = poses.shape
-        x = poses.reshape(n, 1, h * w, d, p).transpose(1, 2).reshape(n * h * w, 1, d, p)
-        v = compute_votes(x, self.transforms, self.rows, self.row_len)  # (N*H*W, 1, J, D, 16)
-        v = v.reshape(n, h * w, self.classes, d, p).permute(0, 2, 1, 3, 4)  # (N, J, H*W, D, 16)
+        child_poses = poses.reshape(n, 1, h * w * d, p)
+        transforms = self.transforms.repeat(h * w, 1, 1, 1)  # (S, J, q, q)
+        offset = None
         if self.coord_add:
-            coords = self.coordinates.to(v.dtype)  # (H*W, 2)
-            add = v.new_zeros(h * w, p)
-            add[:, 3], add[:, 7] = coords[:, 0], coords[:, 1]
-            v = v + add[:, None, :]  # broadcast over (N, J, ., D)
-        return v.reshape(n, 1, self.classes, h * w * d, p)
+            coords = self.coordinates.to(poses.dtype)  # (H*W, 2)
+            offset = poses.new_zeros(h * w, d, p)
+            offset[:, :, 3] = coords[:, None, 0]  # M[0, 3] += scaled row
+            offset[:, :, 7] = coords[:, None, 1]  # M[1, 3] += scaled column
+            offset = offset.reshape(h * w * d, p)
+        return child_poses, transforms, offset
+
+    def votes(self, poses: torch.Tensor) -> torch.Tensor:
+        """poses (N, H, W, D, 16) -> votes (N, 1, classes, H*W*D, 16)."""
+        child_poses, transforms, offset = self.slot_inputs(poses)
+        votes = compute_votes(child_poses, transforms, self.rows, self.row_len)
+        return votes if offset is None else votes + offset
 
     def forward(
         self, poses: torch.Tensor, activations: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = poses.shape[0]
-        votes = self.votes(poses)  # (N, 1, J, S, 16)
+        child_poses, transforms, offset = self.slot_inputs(poses)
         a_in = activations.reshape(n, 1, -1)  # (N, 1, S)
-        out_poses, out_act = em_routing(
-            votes, a_in, self.beta_u, self.beta_a, self.iters, self.final_lambda
+        spec = RoutingSpec(self.iters, self.final_lambda, None, self.rows, self.row_len)
+        out_poses, out_act = route(
+            child_poses, transforms, a_in, self.beta_u, self.beta_a, spec, offset
         )
         return out_poses[:, 0], out_act[:, 0]  # (N, J, 16), (N, J)

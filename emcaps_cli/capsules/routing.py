@@ -72,49 +72,63 @@ def initial_assignments(
     return (1.0 / (j * count)).expand(n, l, j, s)
 
 
+class VoteOps:
+    """The only operations of EM routing that read vote-sized tensors.
+
+    Holds the centred votes v (N, L, J, S, H) and their squares; everything else in the routing
+    works on tensors 16x (or more) smaller. Each operation is a batched matrix-vector product.
+    """
+
+    def __init__(self, centred_votes: torch.Tensor, centred_votes_sq: torch.Tensor) -> None:
+        self.v = centred_votes
+        self.v2 = centred_votes_sq
+
+    def moments(self, weighted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ_s w_s v_s and Σ_s w_s v_s²: weighted (N, L, J, S) -> 2 x (N, L, J, H)."""
+        w = weighted.unsqueeze(-2)  # (N, L, J, 1, S)
+        return (w @ self.v).squeeze(-2), (w @ self.v2).squeeze(-2)
+
+    def quadratic(self, inv_var: torch.Tensor, mean_inv_var: torch.Tensor) -> torch.Tensor:
+        """Σ_h v² /σ² − 2 Σ_h v μ/σ²: (N, L, J, H) x 2 -> (N, L, J, S)."""
+        return (self.v2 @ inv_var.unsqueeze(-1)).squeeze(-1) - 2.0 * (
+            self.v @ mean_inv_var.unsqueeze(-1)
+        ).squeeze(-1)
+
+
 def m_step(
     assignments: torch.Tensor,
     activations_in: torch.Tensor,
-    centred_votes: torch.Tensor,
-    centred_votes_sq: torch.Tensor,
+    ops: VoteOps,
     beta_u: torch.Tensor,
     beta_a: torch.Tensor,
     inverse_temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Procedure 1, M-step, for every parent at once.
 
-    Returns μ (centred; N, L, J, H), σ² (N, L, J, H), the activation logit λ(β_a − Σ_h cost^h)
-    (N, L, J), and ΣR (N, L, J).
+    Returns μ (centred; N, L, J, H), σ² (N, L, J, H) and the activation logit
+    λ(β_a − Σ_h cost^h) (N, L, J).
     """
     weighted = assignments * activations_in.unsqueeze(2)  # R_ij a_i: (N, L, J, S)
     amount = weighted.sum(-1)  # Σ_i R_ij: (N, L, J)
     divisor = amount.clamp_min(SUM_FLOOR).unsqueeze(-1)  # (N, L, J, 1)
-    w = weighted.unsqueeze(-2)  # (N, L, J, 1, S)
-    mean = (w @ centred_votes).squeeze(-2) / divisor  # (N, L, J, H)
-    mean_sq = (w @ centred_votes_sq).squeeze(-2) / divisor  # (N, L, J, H)
-    variance = (mean_sq - mean.square()).clamp_min(0.0) + VAR_FLOOR  # (N, L, J, H)
+    sum_v, sum_v2 = ops.moments(weighted)  # (N, L, J, H) each
+    mean = sum_v / divisor
+    variance = (sum_v2 / divisor - mean.square()).clamp_min(0.0) + VAR_FLOOR  # (N, L, J, H)
     log_sigma = 0.5 * variance.log()
     cost = ((beta_u.view(-1, 1) + log_sigma) * amount.unsqueeze(-1)).sum(-1)  # (N, L, J)
     logit = inverse_temperature * (beta_a - cost)
-    return mean, variance, logit, amount
+    return mean, variance, logit
 
 
 def e_step_logits(
-    mean: torch.Tensor,
-    variance: torch.Tensor,
-    log_activation: torch.Tensor,
-    centred_votes: torch.Tensor,
-    centred_votes_sq: torch.Tensor,
+    mean: torch.Tensor, variance: torch.Tensor, log_activation: torch.Tensor, ops: VoteOps
 ) -> torch.Tensor:
     """log(a_j p_j) for every (child slot, parent): (N, L, J, S), Procedure 1 E-step line 2."""
     h = mean.shape[-1]
     inv_var = variance.reciprocal()  # (N, L, J, H)
-    # Σ_h (v − μ)²/σ² expanded as Σ v² /σ² − 2 Σ v μ/σ² + Σ μ²/σ²: matrix-vector products over h.
-    quad = (
-        (centred_votes_sq @ inv_var.unsqueeze(-1)).squeeze(-1)
-        - 2.0 * (centred_votes @ (mean * inv_var).unsqueeze(-1)).squeeze(-1)
-        + (mean.square() * inv_var).sum(-1, keepdim=True)
-    ).clamp_min(0.0)  # (N, L, J, S)
+    # Σ_h (v − μ)²/σ² expanded as Σ v²/σ² − 2 Σ v μ/σ² + Σ μ²/σ²: matrix-vector products over h.
+    quad = ops.quadratic(inv_var, mean * inv_var) + (mean.square() * inv_var).sum(-1, keepdim=True)
+    quad = quad.clamp_min(0.0)  # (N, L, J, S)
     log_norm = 0.5 * variance.log().sum(-1, keepdim=True) + 0.5 * h * math.log(2 * math.pi)
     return log_activation.unsqueeze(-1) - 0.5 * quad - log_norm  # (N, L, J, S)
 
@@ -136,6 +150,29 @@ def normalise_assignments(logits: torch.Tensor, child_map: ChildMap | None) -> t
     return unnorm / child_sum[:, index].view(n, l, 1, s)
 
 
+def routing_iterations(
+    ops: VoteOps,
+    activations_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    iters: int,
+    final_lambda: float,
+    child_map: ChildMap | None,
+    return_assignments: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The loop of Procedure 1 on centred votes. Returns (centred μ (N, L, J, H), activation
+    logit (N, L, J), the last E-step's R (N, L, J, S) if `return_assignments` else None)."""
+    n, l, j, s, _ = ops.v.shape
+    assignments = initial_assignments((n, l, j, s), child_map, ops.v)  # (N, L, J, S)
+    for t, lam in enumerate(inverse_temperatures(iters, final_lambda)):
+        mean, variance, logit = m_step(assignments, activations_in, ops, beta_u, beta_a, lam)
+        # The E-step after the last M-step changes nothing that is returned: skip it.
+        if t < iters - 1 or return_assignments:
+            logits = e_step_logits(mean, variance, F.logsigmoid(logit), ops)
+            assignments = normalise_assignments(logits, child_map)
+    return mean, logit, assignments if return_assignments else None
+
+
 def em_routing(
     votes: torch.Tensor,
     activations_in: torch.Tensor,
@@ -146,25 +183,20 @@ def em_routing(
     child_map: ChildMap | None = None,
     return_assignments: bool = False,
 ):
-    """Procedure 1. votes (N, L, J, S, H), activations_in (N, L, S), β (J,).
+    """Procedure 1 on given votes, differentiated by plain autograd.
 
-    Returns (poses (N, L, J, H), activations (N, L, J)), plus the last E-step's assignments
-    R (N, L, J, S) when `return_assignments` (then the E-step also runs after the last M-step).
+    votes (N, L, J, S, H), activations_in (N, L, S), β (J,). Returns (poses (N, L, J, H),
+    activations (N, L, J)), plus the assignments R (N, L, J, S) of an E-step run after the last
+    M-step when `return_assignments`. The capsule layers use `fused_routing.route`, which
+    computes the same thing with far less memory.
     """
-    n, l, j, s, h = votes.shape
     # Centre on a constant (detached) per-parent shift: exact, and better conditioned.
     shift = votes.detach().mean(dim=3, keepdim=True)  # (N, L, J, 1, H)
     centred = votes - shift  # (N, L, J, S, H)
-    centred_sq = centred.square()  # (N, L, J, S, H)
-    assignments = initial_assignments((n, l, j, s), child_map, votes)  # (N, L, J, S)
-    lambdas = inverse_temperatures(iters, final_lambda)
-    for t, lam in enumerate(lambdas):
-        mean, variance, logit, _ = m_step(
-            assignments, activations_in, centred, centred_sq, beta_u, beta_a, lam
-        )
-        if t < iters - 1 or return_assignments:
-            logits = e_step_logits(mean, variance, F.logsigmoid(logit), centred, centred_sq)
-            assignments = normalise_assignments(logits, child_map)
+    ops = VoteOps(centred, centred.square())
+    mean, logit, assignments = routing_iterations(
+        ops, activations_in, beta_u, beta_a, iters, final_lambda, child_map, return_assignments
+    )
     poses = mean + shift.squeeze(3)  # (N, L, J, H)
     activations = torch.sigmoid(logit)  # (N, L, J)
     if return_assignments:

@@ -1,0 +1,240 @@
+"""Speed and memory of the capsule network: images/s for inference and for a training step
+(forward + spread loss + backward + Adam), peak memory, fused vs plain-autograd routing, and the
+fast EM routing against the loop reference of Procedure 1 on a reduced shape.
+
+Each measurement runs in its own subprocess so that peak RSS (CPU) belongs to it alone.
+
+    python benchmarks/bench_model.py                       # paper + small model, batch 8 and 32
+    python benchmarks/bench_model.py --batch 32 --models paper --impls fused --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+MODELS = {"paper": "32,32,32,32", "small": "64,8,16,16"}
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(args) -> dict:
+    """One configuration, in this process: returns images/s and peak memory."""
+    import torch
+
+    import emcaps_cli.capsules.layers as layers
+    from emcaps_cli.capsules.fused_routing import plain_route
+    from emcaps_cli.device import resolve_device
+    from emcaps_cli.losses import spread_loss
+    from emcaps_cli.models import ModelConfig, build_model, parse_arch
+
+    torch.set_num_threads(args.threads)
+    if args.impl == "plain":
+        layers.route = plain_route  # the naive baseline: plain autograd through every op
+    device = resolve_device(args.device)
+    config = ModelConfig(
+        arch=parse_arch(MODELS[args.model]), iters=args.iters, routing=args.routing
+    )
+    model = build_model(config).to(device)
+    x = torch.randn(args.batch, 2, 32, 32, device=device)
+    y = torch.randint(0, 5, (args.batch,), device=device)
+    rss_before = peak_memory_mb(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if args.mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+    else:
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            spread_loss(model(x), y, 0.5).backward()
+            opt.step()
+
+    step()  # warm-up (allocations, caches)
+    sync()
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    return {
+        "model": args.model,
+        "arch": MODELS[args.model],
+        "mode": args.mode,
+        "impl": args.impl,
+        "routing": args.routing,
+        "batch": args.batch,
+        "iters": args.iters,
+        "seconds_per_batch": best,
+        "images_per_s": args.batch / best,
+        "peak_memory_mb": peak_memory_mb(device),
+        "memory_before_mb": rss_before,
+        "device": str(device),
+    }
+
+
+def reference_ratio(threads: int) -> dict:
+    """Fast em_routing vs the loop reference on one exact conv-capsule problem (float64)."""
+    import torch
+
+    from emcaps_cli.capsules.geometry import conv_child_map
+    from emcaps_cli.capsules.layers import ConvCaps
+    from emcaps_cli.capsules.reference import dense_conv_problem, reference_em_routing
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    side, b, j = 6, 4, 4
+    layer = ConvCaps(b, j, kernel=3, stride=1, iters=3).double()
+    poses = torch.randn(1, side, side, b, 16, dtype=torch.float64)
+    acts = torch.rand(1, side, side, b, dtype=torch.float64)
+    votes, a, connected = dense_conv_problem(
+        poses[0], acts[0], layer.transforms.detach(), 3, 1, 4, 4
+    )
+    n_out = votes.shape[1] // j
+    beta = torch.zeros(votes.shape[1], dtype=torch.float64)
+    t = time.perf_counter()
+    reference_em_routing(votes, a, connected, beta, beta, 3, 0.01)
+    slow = time.perf_counter() - t
+    with torch.no_grad():
+        layer(poses, acts)
+        t = time.perf_counter()
+        for _ in range(10):
+            layer(poses, acts)
+        fast = (time.perf_counter() - t) / 10
+    assert conv_child_map(side, side, 3, 1, b).num_children == side * side * b
+    return {
+        "shape": f"{side}x{side}x{b} -> {int(n_out**0.5)}x{int(n_out**0.5)}x{j}, K=3, 3 iters,"
+        " float64, 1 image",
+        "reference_s": slow,
+        "fast_s": fast,
+        "speedup": slow / fast,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["paper", "small"], choices=list(MODELS))
+    p.add_argument("--batch", nargs="+", type=int, default=[8, 32])
+    p.add_argument("--modes", nargs="+", default=["inference", "train"])
+    p.add_argument("--impls", nargs="+", default=["fused", "plain"], choices=["fused", "plain"])
+    p.add_argument("--routing", nargs="+", default=["exact"], choices=["exact", "patch"])
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.routing = args.routing[0]
+        args.batch = args.batch[0]
+        print(json.dumps(measure(args)))
+        return
+
+    import torch
+
+    rows = []
+    for model in args.models:
+        for routing in args.routing:
+            for batch in args.batch:
+                for mode in args.modes:
+                    for impl in args.impls:
+                        cmd = [
+                            sys.executable,
+                            __file__,
+                            "--child",
+                            "--model",
+                            model,
+                            "--mode",
+                            mode,
+                            "--impl",
+                            impl,
+                            "--routing",
+                            routing,
+                            "--batch",
+                            str(batch),
+                            "--iters",
+                            str(args.iters),
+                            "--threads",
+                            str(args.threads),
+                            "--repeats",
+                            str(args.repeats),
+                            "--device",
+                            args.device,
+                        ]
+                        out = subprocess.run(cmd, capture_output=True, text=True)
+                        if out.returncode != 0:
+                            row = {
+                                "model": model,
+                                "mode": mode,
+                                "impl": impl,
+                                "batch": batch,
+                                "routing": routing,
+                                "error": out.stderr.strip()[-300:],
+                            }
+                        else:
+                            row = json.loads(out.stdout.strip().splitlines()[-1])
+                        rows.append(row)
+                        print(_fmt(row), file=sys.stderr, flush=True)
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "processor": platform.processor(),
+        },
+        "runs": rows,
+        "reference": reference_ratio(args.threads),
+    }
+    ref = result["reference"]
+    print(
+        f"reference loop {ref['reference_s']:.2f} s vs fast {ref['fast_s'] * 1e3:.1f} ms "
+        f"({ref['speedup']:.0f}x) on {ref['shape']}",
+        file=sys.stderr,
+    )
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def _fmt(row: dict) -> str:
+    if "error" in row:
+        return f"{row['model']:5s} {row['mode']:9s} {row['impl']:5s} b={row['batch']:<3d} ERROR"
+    return (
+        f"{row['model']:5s} {row['routing']:5s} {row['mode']:9s} {row['impl']:5s} "
+        f"b={row['batch']:<3d} {row['images_per_s']:8.1f} img/s  "
+        f"peak {row['peak_memory_mb']:8.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Votes + EM routing as one autograd function that recomputes instead of storing.
+
+Plain autograd keeps several vote-sized tensors per routing iteration alive for the backward
+pass (the conv-capsule vote tensor of the paper model is ~680 MB at batch 32) and writes one
+vote-sized gradient per use of the votes. Here the forward pass keeps only the child poses and
+transforms. The backward pass
+
+1. recomputes the votes,
+2. replays the routing loop under autograd with the vote-reading operations (`VoteOps`)
+   replaced by functions that pass gradients to the small tensors and *record* their
+   coefficients instead of writing vote-sized gradients,
+3. assembles the vote gradient once: every use of the votes is linear in v or in v², so
+   dL/dv = v ⊙ (A @ B) + A @ C with A (…, S, T) and B, C (…, T, H) stacked from the records,
+4. maps it to the poses and transforms.
+
+The result equals plain autograd through `routing.em_routing` (tested in float64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations
+from emcaps_cli.capsules.votes import compute_votes, vote_backward
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    iters: int
+    final_lambda: float
+    child_map: ChildMap | None
+    rows: int
+    row_len: int
+
+
+class _RecordingVoteOps(VoteOps):
+    """VoteOps whose backward records (slot coefficient, v-coefficient, constant) triples."""
+
+    def __init__(self, centred_votes: torch.Tensor, centred_votes_sq: torch.Tensor) -> None:
+        super().__init__(centred_votes, centred_votes_sq)
+        self.slot_coefs: list[torch.Tensor] = []  # (N, L, J, S)
+        self.v_coefs: list[torch.Tensor] = []  # (N, L, J, H): multiplies v
+        self.constants: list[torch.Tensor] = []  # (N, L, J, H)
+
+    def record(self, slot: torch.Tensor, v_coef: torch.Tensor, constant: torch.Tensor) -> None:
+        self.slot_coefs.append(slot)
+        self.v_coefs.append(v_coef)
+        self.constants.append(constant)
+
+    def moments(self, weighted):
+        return _Moments.apply(weighted, self)
+
+    def quadratic(self, inv_var, mean_inv_var):
+        return _Quadratic.apply(inv_var, mean_inv_var, self)
+
+    def vote_gradient(self) -> torch.Tensor:
+        """dL/dv (N, L, J, S, H) = v ⊙ (A @ B) + A @ C from the records."""
+        a = torch.stack(self.slot_coefs, dim=-1)  # (N, L, J, S, T)
+        b = torch.stack(self.v_coefs, dim=-2)  # (N, L, J, T, H)
+        c = torch.stack(self.constants, dim=-2)  # (N, L, J, T, H)
+        grad = a @ b  # (N, L, J, S, H)
+        grad.mul_(self.v)
+        shape = grad.shape
+        flat = grad.view(-1, shape[-2], shape[-1])
+        flat.baddbmm_(a.reshape(-1, shape[-2], a.shape[-1]), c.reshape(-1, *c.shape[-2:]))
+        return grad
+
+
+class _Moments(torch.autograd.Function):
+    """(Σ_s w_s v_s, Σ_s w_s v_s²); backward returns dL/dw and records the v-gradient terms."""
+
+    @staticmethod
+    def forward(ctx, weighted, ops):
+        ctx.ops = ops
+        ctx.save_for_backward(weighted)
+        return VoteOps.moments(ops, weighted)
+
+    @staticmethod
+    def backward(ctx, grad_sum, grad_sum_sq):
+        ops = ctx.ops
+        (weighted,) = ctx.saved_tensors
+        if grad_sum is None:
+            grad_sum = torch.zeros_like(ops.v[..., 0, :])
+        if grad_sum_sq is None:
+            grad_sum_sq = torch.zeros_like(ops.v[..., 0, :])
+        grad_w = (ops.v @ grad_sum.unsqueeze(-1)).squeeze(-1) + (
+            ops.v2 @ grad_sum_sq.unsqueeze(-1)
+        ).squeeze(-1)
+        # d/dv of w·v and w·v²: w ⊗ g1 + 2 v ⊙ (w ⊗ g2)
+        ops.record(weighted, 2.0 * grad_sum_sq, grad_sum)
+        return grad_w, None
+
+
+class _Quadratic(torch.autograd.Function):
+    """Σ_h v²·iv − 2 Σ_h v·m; backward returns dL/d(iv, m) and records the v-gradient terms."""
+
+    @staticmethod
+    def forward(ctx, inv_var, mean_inv_var, ops):
+        ctx.ops = ops
+        ctx.save_for_backward(inv_var, mean_inv_var)
+        return VoteOps.quadratic(ops, inv_var, mean_inv_var)
+
+    @staticmethod
+    def backward(ctx, grad_quad):
+        ops = ctx.ops
+        inv_var, mean_inv_var = ctx.saved_tensors
+        g = grad_quad.unsqueeze(-2)  # (N, L, J, 1, S)
+        grad_inv_var = (g @ ops.v2).squeeze(-2)
+        grad_mean_inv_var = -2.0 * (g @ ops.v).squeeze(-2)
+        # d/dv: g ⊗ (2 v ⊙ iv − 2 m)
+        ops.record(grad_quad, 2.0 * inv_var, -2.0 * mean_inv_var)
+        return grad_inv_var, grad_mean_inv_var, None
+
+
+def _centred_votes(child_poses, transforms, vote_offset, spec):
+    votes = compute_votes(child_poses, transforms, spec.rows, spec.row_len)  # (N, L, J, S, H)
+    if vote_offset is not None:
+        votes += vote_offset  # (S, H) broadcast
+    shift = votes.mean(dim=3, keepdim=True)  # (N, L, J, 1, H)
+    votes -= shift
+    return votes, shift
+
+
+class _FusedRouting(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
+        centred, shift = _centred_votes(child_poses, transforms, vote_offset, spec)
+        ops = VoteOps(centred, centred.square())
+        mean, logit, _ = routing_iterations(
+            ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
+        )
+        ctx.spec = spec
+        ctx.save_for_backward(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset)
+        return mean + shift.squeeze(3), logit
+
+    @staticmethod
+    def backward(ctx, grad_poses, grad_logit):
+        spec = ctx.spec
+        child_poses, transforms, activations_in, beta_u, beta_a, vote_offset = ctx.saved_tensors
+        with torch.no_grad():
+            centred, _ = _centred_votes(child_poses, transforms, vote_offset, spec)
+            ops = _RecordingVoteOps(centred, centred.square())
+        with torch.enable_grad():
+            small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
+            mean, logit, _ = routing_iterations(
+                ops, *small, spec.iters, spec.final_lambda, spec.child_map
+            )
+            outputs, grads = [], []
+            for out, grad in ((mean, grad_poses), (logit, grad_logit)):
+                if grad is not None:
+                    outputs.append(out)
+                    grads.append(grad)
+            small_grads = torch.autograd.grad(outputs, small, grads, allow_unused=True)
+        ops.v2 = None  # free before the vote-sized gradient is built
+        del centred
+        with torch.no_grad():
+            grad_votes = ops.vote_gradient()  # (N, L, J, S, H)
+            ops.v = None
+            grad_offset = None
+            if vote_offset is not None and ctx.needs_input_grad[5]:
+                grad_offset = grad_votes.sum(dim=(0, 1, 2))
+            grad_child, grad_transforms = vote_backward(
+                grad_votes, child_poses, transforms, spec.rows, spec.row_len
+            )
+        return (grad_child, grad_transforms, *small_grads, grad_offset, None)
+
+
+def route(
+    child_poses: torch.Tensor,
+    transforms: torch.Tensor,
+    activations_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    spec: RoutingSpec,
+    vote_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Votes then EM routing, memory-lean. child_poses (N, L, S, 16), transforms (S, J, q, q),
+    activations_in (N, L, S), β (J,), vote_offset (S, 16) or None (added to every vote of a slot).
+
+    Returns poses (N, L, J, 16) and activations (N, L, J).
+    """
+    poses, logit = _FusedRouting.apply(
+        child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec
+    )
+    return poses, torch.sigmoid(logit)
+
+
+def plain_route(
+    child_poses: torch.Tensor,
+    transforms: torch.Tensor,
+    activations_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    spec: RoutingSpec,
+    vote_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` computed with plain autograd (every intermediate stored): the naive baseline the
+    benchmark compares against, and a cross-check in the tests."""
+    from emcaps_cli.capsules.routing import em_routing
+
+    votes = compute_votes(child_poses, transforms, spec.rows, spec.row_len)
+    if vote_offset is not None:
+        votes = votes + vote_offset
+    return em_routing(
+        votes, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
+    )
