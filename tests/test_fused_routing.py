@@ -53,7 +53,7 @@ def test_fused_equals_plain_autograd_values_and_gradients(pose, exact, offset):
     )
     ((p1 * wp).sum() + (a1 * wa).sum()).backward()
     ((p2 * wp).sum() + (a2 * wa).sum()).backward()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
 
 
@@ -71,5 +71,5 @@ def test_fused_gradient_when_only_activations_are_used():
     b = [t.clone().requires_grad_(True) for t in inputs]
     route(*a, spec)[1].sum().backward()
     plain(*b, None, spec)[1].sum().backward()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
