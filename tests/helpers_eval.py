@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -140,3 +141,20 @@ def shared_files() -> dict[str, Path]:
         "other": make_checkpoint(root / "other.pt", seed=5),
         "azimuth": make_checkpoint(root / "azimuth.pt", seed=6, split="azimuth"),
     }
+
+
+class RunsCode:
+    """Unpickling this would call os.system: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save(
+        {"format": "emcaps-checkpoint", "format_version": 1, "payload": RunsCode(marker)}, path
+    )
+    return path

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers_eval import shared_files
+from helpers_eval import shared_files, write_malicious_checkpoint
 
 from emcaps_cli.checkpoint import load_model
 from emcaps_cli.data.transforms import eval_batch, multicrop_offsets
@@ -105,25 +105,6 @@ def test_bad_cache_and_limit_are_one_line_errors(tmp_path: Path) -> None:
         load_test_images(tmp_path / "foreign.h5")
     with pytest.raises(EmcapsError, match="--limit"):
         load_test_images(tmp_path / "missing.h5", limit=0)
-
-
-class _RunsCode:
-    """Unpickling this would call os.system: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # noqa: ANN204
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
-    torch.save(
-        {"format": "emcaps-checkpoint", "format_version": 1, "payload": _RunsCode(marker)}, path
-    )
-    return path
 
 
 def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path) -> None:
