@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_eval import LinearScores, OvershootBump, shared_files
+from helpers_eval import LinearScores, OvershootBump, make_checkpoint, shared_files
 
 from emcaps_cli.attacks import (
     AttackModel,
@@ -180,3 +180,18 @@ def test_bad_settings_are_one_line_errors() -> None:
         AttackSettings(eps=(-0.1,))
     with pytest.raises(EmcapsError, match="--steps"):
         AttackSettings("bim", steps=0)
+
+
+def test_capsnet_is_attacked_through_its_activations(
+    files: dict[str, Path], test_images: EvalImages, tmp_path: Path
+) -> None:
+    path = make_checkpoint(tmp_path / "caps.pt", model="capsnet", arch=(8, 4, 4, 4), iters=1)
+    data = EvalImages(*(a[:8] for a in (test_images.images, test_images.labels, test_images.info)))
+    model, _ = load_model(path)
+    assert model.score_kind == "activation"
+    expected = evaluate_model(model, data, batch_size=4)["accuracy"]
+    settings = AttackSettings("bim", eps=(0.0, 0.2), steps=2)
+    result = attack_checkpoints([path], data, settings, batch_size=4)[0]
+    assert result["loss"] == "spread"
+    assert result["accuracy"][0] == expected
+    assert 0 <= result["gradient"]["zero_fraction"] < 1 and result["gradient"]["mean_abs"] > 0
