@@ -126,18 +126,19 @@ def test_small_model_learns_a_learnable_set_well_above_chance(
     assert result.last_metrics["validation_error"] < 0.35
 
 
-def test_capsule_network_trains(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path / "c.h5", n_train=64, n_test=16)
+def test_tiny_capsule_network_learns_above_chance(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=200, n_test=50)
     capsnet = ModelConfig(model="capsnet", arch=(8, 4, 4, 4), iters=1)
     steps = StepLosses()
     config = cnn_config(cache, tmp_path / "run", model=capsnet, epochs=2, batch_size=16)
     result = train(config, reporter=steps)
     assert all(np.isfinite(steps.losses))
-    metrics = result.last_metrics
-    assert 0 <= metrics["test_error"] <= 1 and metrics["margin"] > 0.2
+    assert result.last_metrics["test_error"] < 0.5  # chance is 0.8
+    assert result.last_metrics["margin"] > 0.2
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert saved["train_config"]["loss"] == "spread"
     model, _ = load_model(tmp_path / "run" / "best.pt")
+    assert model.score_kind == "activation"
     assert model(torch.zeros(2, 2, 32, 32)).shape == (2, 5)
 
 
