@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -244,15 +243,16 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
 
     monkeypatch.setattr(training, "get_loss", loss_that_signals)
     run = tmp_path / "run"
+    handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as info:
         train(cnn_config(cache, run, epochs=2))
     assert info.value.signum == signal.SIGTERM
     saved = torch.load(run / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is handler_before
 
     monkeypatch.setattr(training, "get_loss", get_loss)
-    train(dataclasses.replace(resume_config(run)), resume=True)
+    train(resume_config(run), resume=True)
     assert_same_weights(straight / "last.pt", run / "last.pt")
     ours = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     theirs = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
