@@ -41,6 +41,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = Path(path)
     if not path.is_file():
         raise EmcapsError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):
+        raise EmcapsError(f"{path}: not a checkpoint (not a torch.save archive)")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
