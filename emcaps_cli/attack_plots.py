@@ -8,28 +8,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from emcaps_cli.atomic import atomic_path  # noqa: E402
+from emcaps_cli.atomic import atomic_path
 
 MODEL_LABELS = {"capsnet": "Capsules", "cnn": "CNN"}
 
 
+def short_name(path: str) -> str:
+    """`runs/cnn/best.pt` -> `cnn/best.pt`: run directory and file, enough to tell runs apart."""
+    return "/".join(Path(path).parts[-2:])
+
+
 def curve_label(result: dict[str, Any]) -> str:
-    """Legend text: model kind and checkpoint file, plus the source model for transfer."""
+    """Legend text: model kind and checkpoint, plus the source model for transfer."""
     kind = MODEL_LABELS.get(result["model"], result["model"])
-    label = f"{kind} ({Path(result['checkpoint']).name})"
+    label = f"{kind} ({short_name(result['checkpoint'])})"
     if result.get("source"):
-        label += f", examples from {Path(result['source']['checkpoint']).name}"
+        label += f", examples from {short_name(result['source']['checkpoint'])}"
     return label
 
 
 def plot_attack_curves(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write a PNG of every result's curve against ε (atomically). Returns the path."""
+    # Imported here: every `emcaps` command imports this module, few of them plot.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     first = results[0]
     targeted = first["targeted"]
     key = "success_rate" if targeted else "accuracy"

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from emcaps_cli.attack_plots import plot_attack_curves, short_name
 from emcaps_cli.attacks import (
     DEFAULT_EPS,
     DEFAULT_STEPS,
@@ -37,7 +38,7 @@ def print_report(results: list[dict[str, Any]]) -> None:
     table = Table(title=f"{first['method'].upper()} {key.replace('_', ' ')} ({first['n']} images)")
     table.add_column("ε", justify="right")
     for result in results:
-        table.add_column(f"{result['model']}\n{Path(result['checkpoint']).name}", justify="right")
+        table.add_column(f"{result['model']}\n{short_name(result['checkpoint'])}", justify="right")
     for i, eps in enumerate(first["eps"]):
         row = [f"{eps:g}"]
         for result in results:
@@ -132,8 +133,6 @@ def attack(
             progress=advance,
         )
     if plot is not None:
-        from emcaps_cli.attack_plots import plot_attack_curves
-
         plot_attack_curves(results, plot)
         console.print(f"wrote {plot}")
     if json_out:
