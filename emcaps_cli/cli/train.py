@@ -16,8 +16,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from emcaps_cli.cli import model_options as opts
 from emcaps_cli.cli._common import console, friendly_errors, print_json
-from emcaps_cli.models import ModelConfig, parse_arch
 from emcaps_cli.training import (
     Reporter,
     TrainConfig,
@@ -130,24 +130,14 @@ def train_command(
         help="Run directory (config.json, metrics.jsonl, last.pt, best.pt, curves.png).",
         show_default="runs/YYYYmmdd-HHMMSS",
     ),
-    model: str = typer.Option("capsnet", "--model", help="capsnet | cnn (the baseline CNN)."),
-    arch: str = typer.Option(
-        "32,32,32,32", "--arch", metavar="A,B,C,D", help="Capsule network sizes of Fig. 1."
-    ),
-    iters: int = typer.Option(3, "--iters", help="EM routing iterations."),
-    pose: str = typer.Option(
-        "matrix", "--pose", help="matrix (4x4 poses) | vector (16-vector poses)."
-    ),
-    coord_add: bool = typer.Option(
-        True, "--coord-add/--no-coord-add", help="Coordinate Addition in the class capsules."
-    ),
-    channels: int = typer.Option(2, "--channels", help="2: both stereo views; 1: left view only."),
-    routing: str = typer.Option(
-        "exact", "--routing", help="exact (section 4 receptive fields) | patch (per K×K patch)."
-    ),
-    final_lambda: float = typer.Option(
-        0.01, "--final-lambda", help="Final inverse temperature λ of EM routing."
-    ),
+    model: str = opts.MODEL,
+    arch: str = opts.ARCH,
+    iters: int = opts.ITERS,
+    pose: str = opts.POSE,
+    coord_add: bool = opts.COORD_ADD,
+    channels: int = opts.CHANNELS,
+    routing: str = opts.ROUTING,
+    final_lambda: float = opts.FINAL_LAMBDA,
     loss: str | None = typer.Option(
         None,
         "--loss",
@@ -221,15 +211,8 @@ def train_command(
         config = TrainConfig(
             data=str(data),
             out=None if out is None else str(out),
-            model=ModelConfig(
-                model=model,
-                arch=parse_arch(arch),
-                iters=iters,
-                pose=pose,
-                coord_add=coord_add,
-                channels=channels,
-                routing=routing,
-                final_lambda=final_lambda,
+            model=opts.model_config(
+                model, arch, iters, pose, coord_add, channels, routing, final_lambda
             ),
             loss=loss,
             epochs=epochs,

@@ -1,0 +1,56 @@
+"""The model options shared by `train` and `summary`: one definition, one help text."""
+
+from __future__ import annotations
+
+import typer
+
+from emcaps_cli.models import ModelConfig, parse_arch
+
+MODEL = typer.Option("capsnet", "--model", help="capsnet (Fig. 1) | cnn (section 5 baseline).")
+ARCH = typer.Option(
+    "32,32,32,32",
+    "--arch",
+    metavar="A,B,C,D",
+    help="Fig. 1 sizes: ReLU-conv channels A; primary, conv-caps-1, conv-caps-2 types B, C, D.",
+)
+ITERS = typer.Option(3, "--iters", help="EM routing iterations.")
+POSE = typer.Option(
+    "matrix", "--pose", help="matrix (4x4 pose, 4x4 W) | vector (16-vector pose, 16x16 W)."
+)
+COORD_ADD = typer.Option(
+    True, "--coord-add/--no-coord-add", help="Coordinate Addition in the class capsules."
+)
+CHANNELS = typer.Option(2, "--channels", help="2: both stereo views as channels; 1: left view.")
+ROUTING = typer.Option(
+    "exact",
+    "--routing",
+    help="exact (a child's assignments normalised over all parents whose receptive field "
+    "holds it, section 4) | patch (each K×K patch routed alone).",
+)
+FINAL_LAMBDA = typer.Option(
+    0.01,
+    "--final-lambda",
+    help="λ_max of the inverse-temperature schedule λ_t = λ_max(1−0.95^(t+1)).",
+)
+
+
+def model_config(
+    model: str,
+    arch: str,
+    iters: int,
+    pose: str,
+    coord_add: bool,
+    channels: int,
+    routing: str,
+    final_lambda: float,
+) -> ModelConfig:
+    return ModelConfig(
+        model=model,
+        arch=parse_arch(arch),
+        iters=iters,
+        pose=pose,
+        coord_add=coord_add,
+        channels=channels,
+        routing=routing,
+        final_lambda=final_lambda,
+    )
