@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations
-from emcaps_cli.capsules.votes import compute_votes, compute_votes_t, vote_backward
+from emcaps_cli.capsules.votes import compute_votes, vote_backward
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class RoutingSpec:
 class _RecordingVoteOps(VoteOps):
     """VoteOps whose backward records (slot coefficient, v-coefficient, constant) triples."""
 
-    def __init__(self, stacked: torch.Tensor) -> None:
-        super().__init__(stacked)
+    def __init__(self, centred_votes: torch.Tensor, centred_votes_sq: torch.Tensor) -> None:
+        super().__init__(centred_votes, centred_votes_sq)
         self.slot_coefs: list[torch.Tensor] = []  # (N, L, J, S)
         self.v_coefs: list[torch.Tensor] = []  # (N, L, J, H): multiplies v
         self.constants: list[torch.Tensor] = []  # (N, L, J, H)
@@ -58,22 +58,16 @@ class _RecordingVoteOps(VoteOps):
         return _Quadratic.apply(inv_var, mean_inv_var, self)
 
     def vote_gradient(self) -> torch.Tensor:
-        """dL/dv, slot-last (N, L, J, H, S) = v ⊙ (B @ A) + C @ A from the records.
-
-        Written over the v² half of `stacked`, which the routing no longer needs, so no new
-        vote-sized tensor is allocated; `stacked` is unusable afterwards.
-        """
-        a = torch.stack(self.slot_coefs, dim=-2)  # (N, L, J, T, S)
-        b = torch.stack(self.v_coefs, dim=-1)  # (N, L, J, H, T)
-        c = torch.stack(self.constants, dim=-1)  # (N, L, J, H, T)
-        n, l, j, s, h = self.shape
-        t = a.shape[-2]
-        stacked = self.stacked.view(n * l * j, 2 * h, s)
-        v, grad = stacked[:, :h], stacked[:, h:]  # (N*L*J, H, S) each
-        torch.bmm(b.reshape(-1, h, t), a.reshape(-1, t, s), out=grad)
-        grad.mul_(v)
-        grad.baddbmm_(c.reshape(-1, h, t), a.reshape(-1, t, s))
-        return self.stacked[..., h:, :]  # (N, L, J, H, S)
+        """dL/dv (N, L, J, S, H) = v ⊙ (A @ B) + A @ C from the records."""
+        a = torch.stack(self.slot_coefs, dim=-1)  # (N, L, J, S, T)
+        b = torch.stack(self.v_coefs, dim=-2)  # (N, L, J, T, H)
+        c = torch.stack(self.constants, dim=-2)  # (N, L, J, T, H)
+        grad = a @ b  # (N, L, J, S, H)
+        grad.mul_(self.v)
+        shape = grad.shape
+        flat = grad.view(-1, shape[-2], shape[-1])
+        flat.baddbmm_(a.reshape(-1, shape[-2], a.shape[-1]), c.reshape(-1, *c.shape[-2:]))
+        return grad
 
 
 class _Moments(torch.autograd.Function):
@@ -90,11 +84,12 @@ class _Moments(torch.autograd.Function):
         ops = ctx.ops
         (weighted,) = ctx.saved_tensors
         if grad_sum is None:
-            grad_sum = weighted.new_zeros(ops.shape[:3] + ops.shape[4:])
+            grad_sum = torch.zeros_like(ops.v[..., 0, :])
         if grad_sum_sq is None:
-            grad_sum_sq = weighted.new_zeros(ops.shape[:3] + ops.shape[4:])
-        g = torch.cat((grad_sum, grad_sum_sq), dim=-1).unsqueeze(-2)  # (N, L, J, 1, 2H)
-        grad_w = (g @ ops.stacked).squeeze(-2)  # (N, L, J, S)
+            grad_sum_sq = torch.zeros_like(ops.v[..., 0, :])
+        grad_w = (ops.v @ grad_sum.unsqueeze(-1)).squeeze(-1) + (
+            ops.v2 @ grad_sum_sq.unsqueeze(-1)
+        ).squeeze(-1)
         # d/dv of w·v and w·v²: w ⊗ g1 + 2 v ⊙ (w ⊗ g2)
         ops.record(weighted, 2.0 * grad_sum_sq, grad_sum)
         return grad_w, None
@@ -113,61 +108,42 @@ class _Quadratic(torch.autograd.Function):
     def backward(ctx, grad_quad):
         ops = ctx.ops
         inv_var, mean_inv_var = ctx.saved_tensors
-        both = (ops.stacked @ grad_quad.unsqueeze(-1)).squeeze(-1)  # (N, L, J, 2H)
-        grad_v, grad_v2 = both.chunk(2, dim=-1)
+        g = grad_quad.unsqueeze(-2)  # (N, L, J, 1, S)
+        grad_inv_var = (g @ ops.v2).squeeze(-2)
+        grad_mean_inv_var = -2.0 * (g @ ops.v).squeeze(-2)
         # d/dv: g ⊗ (2 v ⊙ iv − 2 m)
         ops.record(grad_quad, 2.0 * inv_var, -2.0 * mean_inv_var)
-        return grad_v2, -2.0 * grad_v, None
+        return grad_inv_var, grad_mean_inv_var, None
 
 
-def _stacked_votes(child_poses, transforms, vote_offset, spec):
-    """Centred votes and their squares, stacked slot-last for `VoteOps`: (N, L, J, 2H, S),
-    and the per-parent shift (N, L, J, H) that was subtracted. Offset, centring and squaring
-    run on each chunk of votes while it is still in cache."""
-    n, l, s, h = child_poses.shape
-    j = transforms.shape[1]
-    stacked = child_poses.new_empty(n, l, j, 2 * h, s)
-    stacked_rows = stacked.view(n * l, j, 2 * h, s)
-    shift = child_poses.new_empty(n * l, j, h, 1)
-    offset_t = None if vote_offset is None else vote_offset.t()  # (H, S)
-
-    def centre_and_square(rows, votes):  # votes (n, J, H, S), a view into stacked
-        if offset_t is not None:
-            votes += offset_t
-        torch.mean(votes, dim=-1, keepdim=True, out=shift[rows])
-        votes -= shift[rows]
-        torch.mul(votes, votes, out=stacked_rows[rows, :, h:])
-
-    compute_votes_t(
-        child_poses, transforms, spec.rows, spec.row_len, stacked[..., :h, :], centre_and_square
-    )
-    return stacked, shift.view(n, l, j, h)
+def _centred_votes(child_poses, transforms, vote_offset, spec):
+    votes = compute_votes(child_poses, transforms, spec.rows, spec.row_len)  # (N, L, J, S, H)
+    if vote_offset is not None:
+        votes += vote_offset  # (S, H) broadcast
+    shift = votes.mean(dim=3, keepdim=True)  # (N, L, J, 1, H)
+    votes -= shift
+    return votes, shift
 
 
 class _FusedRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
-        stacked, shift = _stacked_votes(child_poses, transforms, vote_offset, spec)
+        centred, shift = _centred_votes(child_poses, transforms, vote_offset, spec)
+        ops = VoteOps(centred, centred.square())
         mean, logit, _ = routing_iterations(
-            VoteOps(stacked),
-            activations_in,
-            beta_u,
-            beta_a,
-            spec.iters,
-            spec.final_lambda,
-            spec.child_map,
+            ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
         )
         ctx.spec = spec
         ctx.save_for_backward(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset)
-        return mean + shift, logit
+        return mean + shift.squeeze(3), logit
 
     @staticmethod
     def backward(ctx, grad_poses, grad_logit):
         spec = ctx.spec
         child_poses, transforms, activations_in, beta_u, beta_a, vote_offset = ctx.saved_tensors
         with torch.no_grad():
-            stacked, _ = _stacked_votes(child_poses, transforms, vote_offset, spec)
-            ops = _RecordingVoteOps(stacked)
+            centred, _ = _centred_votes(child_poses, transforms, vote_offset, spec)
+            ops = _RecordingVoteOps(centred, centred.square())
         with torch.enable_grad():
             small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
             mean, logit, _ = routing_iterations(
@@ -179,15 +155,16 @@ class _FusedRouting(torch.autograd.Function):
                     outputs.append(out)
                     grads.append(grad)
             small_grads = torch.autograd.grad(outputs, small, grads, allow_unused=True)
+        ops.v2 = None  # free before the vote-sized gradient is built
+        del centred
         with torch.no_grad():
-            grad_votes_t = ops.vote_gradient()  # (N, L, J, H, S)
-            ops.stacked = None
-            del stacked
+            grad_votes = ops.vote_gradient()  # (N, L, J, S, H)
+            ops.v = None
             grad_offset = None
             if vote_offset is not None and ctx.needs_input_grad[5]:
-                grad_offset = grad_votes_t.sum(dim=(0, 1, 2)).t()  # (S, H)
+                grad_offset = grad_votes.sum(dim=(0, 1, 2))
             grad_child, grad_transforms = vote_backward(
-                grad_votes_t, child_poses, transforms, spec.rows, spec.row_len
+                grad_votes, child_poses, transforms, spec.rows, spec.row_len
             )
         return (grad_child, grad_transforms, *small_grads, grad_offset, None)
 
