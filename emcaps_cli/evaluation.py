@@ -30,7 +30,7 @@ DEFAULT_BATCH_SIZE = 128  # evaluate and attack batch alike, so ε = 0 reproduce
 
 @dataclass(frozen=True)
 class EvalImages:
-    """The first N test images: uint8 images (N, 2, 48, 48), labels (N,), info (N, 4)."""
+    """N test images: uint8 images (N, 2, 48, 48), labels (N,), info (N, 4)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -41,19 +41,26 @@ class EvalImages:
 
 
 def load_test_images(path: str | os.PathLike, limit: int | None = None) -> EvalImages:
-    """The first `limit` test images of an HDF5 cache (all of them when `limit` is None)."""
+    """The test images of an HDF5 cache; with `limit`, N evenly spaced ones (indices
+    round(linspace(0, total − 1, N))). Files are often sorted by class and viewpoint, so the
+    first N would all be one class; evenly spaced ones cover every class and viewpoint, and
+    evaluate and attack pick the same images."""
     from emcaps_cli.data.cache import load_split
 
     if limit is not None and limit < 1:
         raise EmcapsError(f"--limit {limit}: expected a positive number of images")
     split = load_split(path, "test")
-    end = len(split.labels) if limit is None else min(limit, len(split.labels))
-    if end == 0:
+    total = len(split.labels)
+    if total == 0:
         raise EmcapsError(f"{path}: the test split holds no images")
+    if limit is None or limit >= total:
+        rows = np.arange(total)
+    else:
+        rows = np.linspace(0, total - 1, num=limit).round().astype(np.int64)
     return EvalImages(
-        images=np.asarray(split.images[:end]),
-        labels=np.asarray(split.labels[:end], dtype=np.int64),
-        info=np.asarray(split.info[:end], dtype=np.int64),
+        images=np.asarray(split.images[rows]),
+        labels=np.asarray(split.labels[rows], dtype=np.int64),
+        info=np.asarray(split.info[rows], dtype=np.int64),
     )
 
 

@@ -103,7 +103,11 @@ def attack(
         help="Print JSON on stdout: an object for one checkpoint, a list for several.",
     ),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the curves."),
-    limit: int | None = typer.Option(None, "--limit", help="Attack only the first N test images."),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        help="Attack N evenly spaced test images (the same ones `evaluate --limit N` uses).",
+    ),
     data: Path = typer.Option(DEFAULT_DATA, "--data", help="HDF5 cache from `emcaps prepare`."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

@@ -87,7 +87,7 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per batch."),
     limit: int | None = typer.Option(
-        None, "--limit", help="Evaluate only the first N test images."
+        None, "--limit", help="Evaluate N evenly spaced test images (all classes and viewpoints)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
