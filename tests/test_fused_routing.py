@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from emcaps_cli.capsules.fused_routing import RoutingSpec, route
+from emcaps_cli.capsules.fused_routing import RoutingSpec, plain_route, route
 from emcaps_cli.capsules.geometry import conv_child_map
-from emcaps_cli.capsules.routing import em_routing
-from emcaps_cli.capsules.votes import compute_votes
 
 D = torch.float64
 
@@ -27,14 +25,6 @@ def problem(pose, exact, offset, seed=0):
     return (poses, transforms, acts, beta_u, beta_a), vote_offset, spec
 
 
-def plain(poses, transforms, acts, beta_u, beta_a, vote_offset, spec):
-    """Votes by hand, then Procedure 1 under plain autograd."""
-    votes = compute_votes(poses, transforms, spec.rows, spec.row_len)
-    if vote_offset is not None:
-        votes = votes + vote_offset
-    return em_routing(votes, acts, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map)
-
-
 @pytest.mark.parametrize("pose", ["matrix", "vector"])
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("offset", [True, False])
@@ -43,7 +33,7 @@ def test_fused_equals_plain_autograd_values_and_gradients(pose, exact, offset):
     a = [t.clone().requires_grad_(True) for t in inputs]
     b = [t.clone().requires_grad_(True) for t in inputs]
     p1, a1 = route(*a, spec, vote_offset)
-    p2, a2 = plain(*b, vote_offset, spec)
+    p2, a2 = plain_route(*b, spec, vote_offset)
     torch.testing.assert_close(p1, p2, atol=1e-10, rtol=0)
     torch.testing.assert_close(a1, a2, atol=1e-10, rtol=0)
     g = torch.Generator().manual_seed(9)
@@ -70,7 +60,7 @@ def test_fused_gradient_when_only_activations_are_used():
     a = [t.clone().requires_grad_(True) for t in inputs]
     b = [t.clone().requires_grad_(True) for t in inputs]
     route(*a, spec)[1].sum().backward()
-    plain(*b, None, spec)[1].sum().backward()
+    plain_route(*b, spec)[1].sum().backward()
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
 
