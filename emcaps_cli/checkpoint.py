@@ -23,6 +23,7 @@ from emcaps_cli.atomic import atomic_path
 from emcaps_cli.errors import EmcapsError
 
 FORMAT = "emcaps-checkpoint"
+BEST, LAST = "best.pt", "last.pt"  # the checkpoints of a run directory
 FORMAT_VERSION = 1
 
 
@@ -66,13 +67,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return data
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the network a checkpoint describes, load its weights, move it to `device`.
+def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
+    """A checkpoint file, or a run directory -> its best.pt (or last.pt when `which="last"`,
+    or when the run has no best.pt yet)."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / (BEST if which == "best" else LAST)
+        if not candidate.is_file() and (path / LAST).is_file():
+            candidate = path / LAST
+        if not candidate.is_file():
+            raise EmcapsError(f"{path}: run directory has no {BEST} or {LAST}")
+        return candidate
+    return path
 
-    Returns (model in eval mode, the checkpoint dict).
+
+def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network a checkpoint (or a run directory's best.pt) describes, load its
+    weights, move it to `device`. Returns (model in eval mode, the checkpoint dict).
     """
     from emcaps_cli.models import ModelConfig, build_model
 
+    path = resolve_checkpoint(path)
     data = load_checkpoint(path, map_location="cpu")
     config = ModelConfig.from_dict(data["model_config"])
     model = build_model(config)

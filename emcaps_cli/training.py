@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from emcaps_cli.atomic import atomic_path
-from emcaps_cli.checkpoint import load_checkpoint, save_checkpoint
+from emcaps_cli.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.data.transforms import eval_batch, train_batch
 from emcaps_cli.data.viewpoints import SPLITS, familiar_mask
@@ -44,8 +44,6 @@ from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import LOSSES, get_loss, spread_margin
 from emcaps_cli.models import ModelConfig, build_model, count_parameters
 
-LAST = "last.pt"
-BEST = "best.pt"
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 CURVES_PNG = "curves.png"
@@ -405,20 +403,6 @@ def _write_json(path: Path, payload: Any) -> None:
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
-
-
-def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
-    """A checkpoint file, or a run directory -> its best.pt (or last.pt when `which="last"`,
-    or when the run has no best.pt yet)."""
-    path = Path(path)
-    if path.is_dir():
-        candidate = path / (BEST if which == "best" else LAST)
-        if not candidate.is_file() and (path / LAST).is_file():
-            candidate = path / LAST
-        if not candidate.is_file():
-            raise EmcapsError(f"{path}: run directory has no {BEST} or {LAST}")
-        return candidate
-    return path
 
 
 def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:

@@ -44,6 +44,21 @@ def test_evaluate_json(files: dict[str, Path]) -> None:
     assert "familiar" not in out
 
 
+def test_evaluate_accepts_a_run_directory(files: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(files["cnn"], run / "best.pt")
+    by_dir = invoke("evaluate", run, "--data", files["cache"], "--json", "--limit", 10)
+    by_file = invoke("evaluate", files["cnn"], "--data", files["cache"], "--json", "--limit", 10)
+    assert by_dir.exit_code == 0, by_dir.stderr
+    assert json.loads(by_dir.stdout)["accuracy"] == json.loads(by_file.stdout)["accuracy"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(invoke("evaluate", empty, "--data", files["cache"]), "no best.pt")
+
+
 def test_evaluate_split_checkpoint_reports_familiar_and_novel(files: dict[str, Path]) -> None:
     result = invoke("evaluate", files["azimuth"], "--data", files["cache"], "--json", "--multicrop")
     out = json.loads(result.stdout)

@@ -13,7 +13,7 @@ from conftest import make_cache
 from torch import nn
 
 from emcaps_cli import training
-from emcaps_cli.checkpoint import load_model
+from emcaps_cli.checkpoint import load_model, resolve_checkpoint
 from emcaps_cli.data.viewpoints import familiar_mask
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
@@ -170,7 +170,7 @@ def test_run_directory_and_checkpoint_rebuild(tmp_path: Path) -> None:
     twin = TrainConfig.from_dict(data["train_config"])
     assert twin.model == ModelConfig.from_dict(data["model_config"])
     assert model(x).shape == (3, 5)
-    assert training.resolve_checkpoint(run) == run / "best.pt"
+    assert resolve_checkpoint(run) == run / "best.pt"
 
     with pytest.raises(EmcapsError, match="already holds a run"):
         train(cnn_config(cache, run, epochs=1))

@@ -63,7 +63,8 @@ def attack(
     checkpoints: list[Path] = typer.Argument(
         ...,
         metavar="CKPT",
-        help="Checkpoints to attack; several are overlaid in --plot (e.g. capsules and CNN).",
+        help="Checkpoints (or run directories: best.pt) to attack; several are overlaid in "
+        "--plot (e.g. capsules and CNN).",
     ),
     method: str = typer.Option("fgsm", "--method", help="fgsm or bim."),
     targeted: bool = typer.Option(
