@@ -93,6 +93,7 @@ def measure(args) -> dict:
         "peak_memory_mb": peak_memory_mb(device),
         "memory_before_mb": rss_before,
         "device": str(device),
+        "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
     }
 
 
@@ -145,6 +146,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--thp",
+        choices=["on", "off"],
+        default="on",
+        help="transparent huge pages in PyTorch's CPU allocator (THP_MEM_ALLOC_ENABLE; "
+        "the emcaps command turns it on)",
+    )
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -157,6 +165,8 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
+    # Read by PyTorch at its first import, so it is set here for the child processes.
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if args.thp == "on" else "0"
     import torch
 
     rows = []
