@@ -22,8 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations
+from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations, row_dots
 from emcaps_cli.capsules.votes import compute_votes, vote_backward
+
+# Votes per routing chunk (fp32: 4 bytes each). Measured on 2 cores, paper model, batch 32:
+# see docs/performance.md ("Routing in chunks of the batch").
+VOTE_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class RoutingSpec:
     child_map: ChildMap | None
     rows: int
     row_len: int
+    # Route as many images at a time as keep one chunk's vote tensor within this many elements
+    # (at least one image; 0 routes the whole batch at once). See VOTE_CHUNK_ELEMENTS.
+    chunk_elements: int = -1
 
 
 class _RecordingVoteOps(VoteOps):
@@ -87,9 +94,7 @@ class _Moments(torch.autograd.Function):
             grad_sum = torch.zeros_like(ops.v[..., 0, :])
         if grad_sum_sq is None:
             grad_sum_sq = torch.zeros_like(ops.v[..., 0, :])
-        grad_w = (ops.v @ grad_sum.unsqueeze(-1)).squeeze(-1) + (
-            ops.v2 @ grad_sum_sq.unsqueeze(-1)
-        ).squeeze(-1)
+        grad_w = row_dots(ops.v, grad_sum) + row_dots(ops.v2, grad_sum_sq)
         # d/dv of w·v and w·v²: w ⊗ g1 + 2 v ⊙ (w ⊗ g2)
         ops.record(weighted, 2.0 * grad_sum_sq, grad_sum)
         return grad_w, None
@@ -125,48 +130,117 @@ def _centred_votes(child_poses, transforms, vote_offset, spec):
     return votes, shift
 
 
+def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSpec) -> list[slice]:
+    """Slices of the batch routed one after another (routing is independent per image), each
+    with at most `chunk_elements` vote entries: the vote-sized tensors then stay small enough to
+    be reused from cache instead of streamed from memory."""
+    n, l, s, h = child_poses.shape
+    budget = VOTE_CHUNK_ELEMENTS if spec.chunk_elements < 0 else spec.chunk_elements
+    per_image = l * s * transforms.shape[1] * h
+    size = n if budget == 0 else max(1, min(n, budget // per_image))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _forward_chunk(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
+    centred, shift = _centred_votes(child_poses, transforms, vote_offset, spec)
+    ops = VoteOps(centred, centred.square())
+    mean, logit, _ = routing_iterations(
+        ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
+    )
+    return mean + shift.squeeze(3), logit
+
+
+def _backward_chunk(
+    child_poses,
+    transforms,
+    activations_in,
+    beta_u,
+    beta_a,
+    vote_offset,
+    spec,
+    grad_poses,
+    grad_logit,
+    need_offset,
+):
+    """Gradients for one slice of the batch: (poses, transforms, a_in, β_u, β_a, offset)."""
+    with torch.no_grad():
+        centred, _ = _centred_votes(child_poses, transforms, vote_offset, spec)
+        ops = _RecordingVoteOps(centred, centred.square())
+    with torch.enable_grad():
+        small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
+        mean, logit, _ = routing_iterations(
+            ops, *small, spec.iters, spec.final_lambda, spec.child_map
+        )
+        outputs, grads = [], []
+        for out, grad in ((mean, grad_poses), (logit, grad_logit)):
+            if grad is not None:
+                outputs.append(out)
+                grads.append(grad)
+        small_grads = torch.autograd.grad(outputs, small, grads, allow_unused=True)
+    ops.v2 = None  # free before the vote-sized gradient is built
+    del centred
+    with torch.no_grad():
+        grad_votes = ops.vote_gradient()  # (n, L, J, S, H)
+        ops.v = None
+        grad_offset = grad_votes.sum(dim=(0, 1, 2)) if need_offset else None
+        grad_child, grad_transforms = vote_backward(
+            grad_votes, child_poses, transforms, spec.rows, spec.row_len
+        )
+    return (grad_child, grad_transforms, *small_grads, grad_offset)
+
+
+def _add(total, part):
+    if part is None:
+        return total
+    return part if total is None else total + part
+
+
 class _FusedRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
-        centred, shift = _centred_votes(child_poses, transforms, vote_offset, spec)
-        ops = VoteOps(centred, centred.square())
-        mean, logit, _ = routing_iterations(
-            ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
-        )
+        means, logits = [], []
+        for part in _chunks(child_poses, transforms, spec):
+            mean, logit = _forward_chunk(
+                child_poses[part],
+                transforms,
+                activations_in[part],
+                beta_u,
+                beta_a,
+                vote_offset,
+                spec,
+            )
+            means.append(mean)
+            logits.append(logit)
         ctx.spec = spec
         ctx.save_for_backward(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset)
-        return mean + shift.squeeze(3), logit
+        return torch.cat(means), torch.cat(logits)
 
     @staticmethod
     def backward(ctx, grad_poses, grad_logit):
         spec = ctx.spec
         child_poses, transforms, activations_in, beta_u, beta_a, vote_offset = ctx.saved_tensors
-        with torch.no_grad():
-            centred, _ = _centred_votes(child_poses, transforms, vote_offset, spec)
-            ops = _RecordingVoteOps(centred, centred.square())
-        with torch.enable_grad():
-            small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
-            mean, logit, _ = routing_iterations(
-                ops, *small, spec.iters, spec.final_lambda, spec.child_map
+        need_offset = vote_offset is not None and ctx.needs_input_grad[5]
+        grad_child, grad_a_in = [], []
+        grad_w = grad_bu = grad_ba = grad_offset = None
+        for part in _chunks(child_poses, transforms, spec):
+            g_child, g_w, g_a, g_bu, g_ba, g_off = _backward_chunk(
+                child_poses[part],
+                transforms,
+                activations_in[part],
+                beta_u,
+                beta_a,
+                vote_offset,
+                spec,
+                None if grad_poses is None else grad_poses[part],
+                None if grad_logit is None else grad_logit[part],
+                need_offset,
             )
-            outputs, grads = [], []
-            for out, grad in ((mean, grad_poses), (logit, grad_logit)):
-                if grad is not None:
-                    outputs.append(out)
-                    grads.append(grad)
-            small_grads = torch.autograd.grad(outputs, small, grads, allow_unused=True)
-        ops.v2 = None  # free before the vote-sized gradient is built
-        del centred
-        with torch.no_grad():
-            grad_votes = ops.vote_gradient()  # (N, L, J, S, H)
-            ops.v = None
-            grad_offset = None
-            if vote_offset is not None and ctx.needs_input_grad[5]:
-                grad_offset = grad_votes.sum(dim=(0, 1, 2))
-            grad_child, grad_transforms = vote_backward(
-                grad_votes, child_poses, transforms, spec.rows, spec.row_len
-            )
-        return (grad_child, grad_transforms, *small_grads, grad_offset, None)
+            grad_child.append(g_child)
+            grad_a_in.append(g_a)
+            grad_w, grad_bu, grad_ba = _add(grad_w, g_w), _add(grad_bu, g_bu), _add(grad_ba, g_ba)
+            grad_offset = _add(grad_offset, g_off)
+        g_a_all = None if any(g is None for g in grad_a_in) else torch.cat(grad_a_in)
+        return (torch.cat(grad_child), grad_w, g_a_all, grad_bu, grad_ba, grad_offset, None)
 
 
 def route(

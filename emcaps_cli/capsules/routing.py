@@ -72,6 +72,15 @@ def initial_assignments(
     return (1.0 / (j * count)).expand(n, l, j, s)
 
 
+def row_dots(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(..., S, H) x (..., H) -> (..., S): each row of a matrix dotted with its vector.
+
+    Computed as vector @ matrixᵀ, which BLAS runs 3-4x faster here than matrix @ vector on these
+    thin (S x 16) matrices (measured on 2 cores: 6.5 vs 20-25 ms at the paper's conv-caps shape).
+    """
+    return (vectors.unsqueeze(-2) @ matrices.transpose(-1, -2)).squeeze(-2)
+
+
 class VoteOps:
     """The only operations of EM routing that read vote-sized tensors.
 
@@ -90,9 +99,7 @@ class VoteOps:
 
     def quadratic(self, inv_var: torch.Tensor, mean_inv_var: torch.Tensor) -> torch.Tensor:
         """Σ_h v² /σ² − 2 Σ_h v μ/σ²: (N, L, J, H) x 2 -> (N, L, J, S)."""
-        return (self.v2 @ inv_var.unsqueeze(-1)).squeeze(-1) - 2.0 * (
-            self.v @ mean_inv_var.unsqueeze(-1)
-        ).squeeze(-1)
+        return row_dots(self.v2, inv_var) - 2.0 * row_dots(self.v, mean_inv_var)
 
 
 def m_step(
