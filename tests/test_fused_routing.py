@@ -9,27 +9,32 @@ from emcaps_cli.capsules.geometry import conv_child_map
 D = torch.float64
 
 
-def problem(pose, exact, offset, seed=0):
+def problem(pose, exact, offset, seed=0, images=2, chunk_elements=-1):
     g = torch.Generator().manual_seed(seed)
     rows, q = (4, 4) if pose == "matrix" else (1, 16)
     side, k, b, j = 4, 3, 2, 3
     n_pos, s = (side - k + 1) ** 2, k * k * b
     child_map = conv_child_map(side, side, k, 1, b) if exact else None
-    poses = torch.randn(2, n_pos, s, 16, generator=g, dtype=D)
+    poses = torch.randn(images, n_pos, s, 16, generator=g, dtype=D)
     transforms = torch.randn(s, j, q, q, generator=g, dtype=D) / q**0.5
-    acts = torch.rand(2, n_pos, s, generator=g, dtype=D)
+    acts = torch.rand(images, n_pos, s, generator=g, dtype=D)
     beta_u = torch.randn(j, generator=g, dtype=D) * 0.3
     beta_a = torch.randn(j, generator=g, dtype=D) * 0.3
     vote_offset = torch.randn(s, 16, generator=g, dtype=D) if offset else None
-    spec = RoutingSpec(3, 0.5, child_map, rows, q)
+    spec = RoutingSpec(3, 0.5, child_map, rows, q, chunk_elements)
     return (poses, transforms, acts, beta_u, beta_a), vote_offset, spec
 
 
 @pytest.mark.parametrize("pose", ["matrix", "vector"])
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("offset", [True, False])
-def test_fused_equals_plain_autograd_values_and_gradients(pose, exact, offset):
-    inputs, vote_offset, spec = problem(pose, exact, offset)
+@pytest.mark.parametrize("chunk_images", [0, 1, 2])
+def test_fused_equals_plain_autograd_values_and_gradients(pose, exact, offset, chunk_images):
+    """Also when the batch of 3 is routed in chunks (1 image, or 2 then 1) instead of at once."""
+    per_image = 4 * 18 * 3 * 16  # parent positions x slots x parent types x pose entries
+    inputs, vote_offset, spec = problem(
+        pose, exact, offset, images=3, chunk_elements=chunk_images * per_image
+    )
     a = [t.clone().requires_grad_(True) for t in inputs]
     b = [t.clone().requires_grad_(True) for t in inputs]
     p1, a1 = route(*a, spec, vote_offset)
