@@ -35,6 +35,7 @@ def measure(args) -> dict:
     import torch
 
     import emcaps_cli.capsules.layers as layers
+    from emcaps_cli.capsules import fused_routing
     from emcaps_cli.capsules.fused_routing import plain_route
     from emcaps_cli.device import resolve_device
     from emcaps_cli.losses import spread_loss
@@ -43,6 +44,8 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.impl == "plain":
         layers.route = plain_route  # the naive baseline: plain autograd through every op
+    elif args.impl == "whole":
+        fused_routing.VOTE_CHUNK_ELEMENTS = 0  # fused, but the whole batch routed at once
     device = resolve_device(args.device)
     config = ModelConfig(
         arch=parse_arch(MODELS[args.model]), iters=args.iters, routing=args.routing
@@ -140,7 +143,14 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["paper", "small"], choices=list(MODELS))
     p.add_argument("--batch", nargs="+", type=int, default=[8, 32])
     p.add_argument("--modes", nargs="+", default=["inference", "train"])
-    p.add_argument("--impls", nargs="+", default=["fused", "plain"], choices=["fused", "plain"])
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["fused", "whole", "plain"],
+        choices=["fused", "whole", "plain"],
+        help="fused: the layers' code; whole: fused without routing the batch in chunks; "
+        "plain: plain autograd through every op (the naive baseline)",
+    )
     p.add_argument("--routing", nargs="+", default=["exact"], choices=["exact", "patch"])
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

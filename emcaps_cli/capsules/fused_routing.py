@@ -143,7 +143,7 @@ def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSp
 
 def _forward_chunk(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
     centred, shift = _centred_votes(child_poses, transforms, vote_offset, spec)
-    ops = VoteOps(centred, centred.square())
+    ops = VoteOps(centred, centred * centred)
     mean, logit, _ = routing_iterations(
         ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
     )
@@ -165,7 +165,7 @@ def _backward_chunk(
     """Gradients for one slice of the batch: (poses, transforms, a_in, β_u, β_a, offset)."""
     with torch.no_grad():
         centred, _ = _centred_votes(child_poses, transforms, vote_offset, spec)
-        ops = _RecordingVoteOps(centred, centred.square())
+        ops = _RecordingVoteOps(centred, centred * centred)
     with torch.enable_grad():
         small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
         mean, logit, _ = routing_iterations(
