@@ -95,3 +95,21 @@ def test_backward_frees_its_recordings():
     finally:
         fused_routing._RecordingVoteOps.__init__ = original
     assert alive and all(ref() is None for ref in alive)
+
+
+def test_chunks_respect_the_vote_budget_and_are_balanced():
+    from emcaps_cli.capsules.fused_routing import _chunks
+
+    poses = torch.zeros(32, 4, 18, 16)  # 4 positions x 18 slots, 3 parent types: 3,456 votes
+    transforms = torch.zeros(18, 3, 4, 4)
+    per_image = 4 * 18 * 3 * 16
+
+    def sizes(budget):
+        spec = RoutingSpec(3, 0.5, None, 4, 4, budget)
+        return [s.stop - s.start for s in _chunks(poses, transforms, spec)]
+
+    assert sizes(0) == [32]
+    assert sizes(25 * per_image) == [16, 16]
+    assert sizes(per_image) == [1] * 32
+    assert sizes(per_image // 2) == [1] * 32  # never less than one image
+    assert sizes(10 * per_image) == [8, 8, 8, 8]

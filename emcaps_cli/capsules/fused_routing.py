@@ -132,12 +132,14 @@ def _centred_votes(child_poses, transforms, vote_offset, spec):
 
 def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSpec) -> list[slice]:
     """Slices of the batch routed one after another (routing is independent per image), each
-    with at most `chunk_elements` vote entries: the vote-sized tensors then stay small enough to
-    be reused from cache instead of streamed from memory."""
+    with at most `chunk_elements` vote entries (but at least one image), as even as possible.
+    Peak memory then no longer grows with the batch, and the measured speed goes up too."""
     n, l, s, h = child_poses.shape
     budget = VOTE_CHUNK_ELEMENTS if spec.chunk_elements < 0 else spec.chunk_elements
     per_image = l * s * transforms.shape[1] * h
-    size = n if budget == 0 else max(1, min(n, budget // per_image))
+    largest = n if budget == 0 else max(1, min(n, budget // per_image))
+    count = -(-n // largest)
+    size = -(-n // count)  # balanced: 32 images in chunks of at most 25 -> 16 + 16, not 25 + 7
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
