@@ -35,6 +35,7 @@ def measure(args) -> dict:
     import torch
 
     import emcaps_cli.capsules.layers as layers
+    from emcaps_cli.allocator import keep_freed_memory
     from emcaps_cli.capsules import fused_routing
     from emcaps_cli.capsules.fused_routing import plain_route
     from emcaps_cli.device import resolve_device
@@ -42,6 +43,8 @@ def measure(args) -> dict:
     from emcaps_cli.models import ModelConfig, build_model, parse_arch
 
     torch.set_num_threads(args.threads)
+    if args.allocator == "tuned":
+        keep_freed_memory()  # as the emcaps command does
     if args.impl == "plain":
         layers.route = plain_route  # the naive baseline: plain autograd through every op
     elif args.impl == "whole":
@@ -97,6 +100,7 @@ def measure(args) -> dict:
         "memory_before_mb": rss_before,
         "device": str(device),
         "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "allocator": args.allocator,
     }
 
 
@@ -163,6 +167,13 @@ def main() -> None:
         help="transparent huge pages in PyTorch's CPU allocator (THP_MEM_ALLOC_ENABLE; "
         "the emcaps command turns it on)",
     )
+    p.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: glibc keeps freed memory for reuse, as the emcaps command sets it "
+        "(emcaps_cli/allocator.py); default: glibc's defaults",
+    )
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -207,6 +218,8 @@ def main() -> None:
                             str(args.repeats),
                             "--device",
                             args.device,
+                            "--allocator",
+                            args.allocator,
                         ]
                         out = subprocess.run(cmd, capture_output=True, text=True)
                         if out.returncode != 0:
