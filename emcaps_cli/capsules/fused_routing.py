@@ -191,6 +191,12 @@ def _backward_chunk(
     return (grad_child, grad_transforms, *small_grads, grad_offset)
 
 
+def _slice_batch(inputs: tuple, part: slice) -> tuple:
+    """(poses, W, a_in, β_u, β_a, offset, spec) with the per-image tensors cut to `part`."""
+    child_poses, transforms, activations_in, *rest = inputs
+    return (child_poses[part], transforms, activations_in[part], *rest)
+
+
 def _add(total, part):
     if part is None:
         return total
@@ -200,17 +206,10 @@ def _add(total, part):
 class _FusedRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
+        inputs = (child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
         means, logits = [], []
         for part in _chunks(child_poses, transforms, spec):
-            mean, logit = _forward_chunk(
-                child_poses[part],
-                transforms,
-                activations_in[part],
-                beta_u,
-                beta_a,
-                vote_offset,
-                spec,
-            )
+            mean, logit = _forward_chunk(*_slice_batch(inputs, part))
             means.append(mean)
             logits.append(logit)
         ctx.spec = spec
@@ -224,15 +223,10 @@ class _FusedRouting(torch.autograd.Function):
         need_offset = vote_offset is not None and ctx.needs_input_grad[5]
         grad_child, grad_a_in = [], []
         grad_w = grad_bu = grad_ba = grad_offset = None
+        inputs = (child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
         for part in _chunks(child_poses, transforms, spec):
             g_child, g_w, g_a, g_bu, g_ba, g_off = _backward_chunk(
-                child_poses[part],
-                transforms,
-                activations_in[part],
-                beta_u,
-                beta_a,
-                vote_offset,
-                spec,
+                *_slice_batch(inputs, part),
                 None if grad_poses is None else grad_poses[part],
                 None if grad_logit is None else grad_logit[part],
                 need_offset,
