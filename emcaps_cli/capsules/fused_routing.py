@@ -13,6 +13,9 @@ transforms. The backward pass
    dL/dv = v ⊙ (A @ B) + A @ C with A (…, S, T) and B, C (…, T, H) stacked from the records,
 4. maps it to the poses and transforms.
 
+The batch is taken in chunks of images (routing is independent per image) so that one chunk's
+vote tensor stays under VOTE_CHUNK_ELEMENTS, in forward and backward alike.
+
 The result equals plain autograd through `routing.em_routing` (tested in float64).
 """
 
@@ -25,8 +28,8 @@ import torch
 from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations, row_dots
 from emcaps_cli.capsules.votes import compute_votes, vote_backward
 
-# Votes per routing chunk (fp32: 4 bytes each). Measured on 2 cores, paper model, batch 32:
-# see docs/performance.md ("Routing in chunks of the batch").
+# Votes per routing chunk (64 MB in fp32): the best of 2^22..2^25 measured on 2 cores (paper and
+# small model, batch 32; docs/performance.md, "Routing the batch in chunks").
 VOTE_CHUNK_ELEMENTS = 2**24
 
 
@@ -133,7 +136,7 @@ def _centred_votes(child_poses, transforms, vote_offset, spec):
 def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSpec) -> list[slice]:
     """Slices of the batch routed one after another (routing is independent per image), each
     with at most `chunk_elements` vote entries (but at least one image), as even as possible.
-    Peak memory then no longer grows with the batch, and the measured speed goes up too."""
+    Peak memory then no longer grows with the batch."""
     n, l, s, h = child_poses.shape
     budget = VOTE_CHUNK_ELEMENTS if spec.chunk_elements < 0 else spec.chunk_elements
     per_image = l * s * transforms.shape[1] * h
