@@ -113,3 +113,19 @@ def test_chunks_respect_the_vote_budget_and_are_balanced():
     assert sizes(per_image) == [1] * 32
     assert sizes(per_image // 2) == [1] * 32  # never less than one image
     assert sizes(10 * per_image) == [8, 8, 8, 8]
+
+
+def test_routing_stays_float32_under_bf16_autocast():
+    """`--amp` autocasts the network; the routing itself must not drop to bf16."""
+    inputs, vote_offset, spec = problem("matrix", True, True)
+    inputs = [t.float() for t in inputs]
+    offset = vote_offset.float()
+    poses, acts = route(*inputs, spec, offset)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        poses_amp, acts_amp = route(*inputs, spec, offset)
+        half_inputs = [t.bfloat16() for t in inputs]
+        poses_half, _ = route(*half_inputs, spec, offset.bfloat16())
+    assert poses_amp.dtype == acts_amp.dtype == torch.float32
+    torch.testing.assert_close(poses_amp, poses, atol=1e-6, rtol=0)
+    torch.testing.assert_close(acts_amp, acts, atol=1e-6, rtol=0)
+    assert poses_half.dtype == torch.float32  # bf16 inputs are cast up, not routed in bf16

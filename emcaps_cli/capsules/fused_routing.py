@@ -255,11 +255,27 @@ def route(
     activations_in (N, L, S), β (J,), vote_offset (S, 16) or None (added to every vote of a slot).
 
     Returns poses (N, L, J, 16) and activations (N, L, J).
+
+    Under autocast (`emcaps train --amp`) the routing still runs in float32: the expanded
+    quadratic form and the variances lose too much in bf16/fp16, so low-precision inputs are
+    cast up and autocast is switched off for the routing alone.
     """
+    device_type = child_poses.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            inputs = [child_poses, transforms, activations_in, beta_u, beta_a, vote_offset]
+            inputs = [_at_least_float32(t) for t in inputs]
+            return route(*inputs[:5], spec, inputs[5])
     poses, logit = _FusedRouting.apply(
         child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec
     )
     return poses, torch.sigmoid(logit)
+
+
+def _at_least_float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.dtype in (torch.float32, torch.float64):
+        return t
+    return t.float()
 
 
 def plain_route(

@@ -183,7 +183,9 @@ def train_command(
     resume: bool = typer.Option(
         False, "--resume", help="Continue RUN_DIR/last.pt exactly; may raise --epochs."
     ),
-    amp: bool = typer.Option(False, "--amp", help="bf16 autocast (CUDA only; refused on CPU)."),
+    amp: bool = typer.Option(
+        False, "--amp", help="bf16 autocast (CUDA only; refused on CPU). EM routing stays float32."
+    ),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     limit_train: int | None = typer.Option(
         None, "--limit-train", metavar="N", help="Use a random N training images (by --seed)."
