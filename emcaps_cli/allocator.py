@@ -6,7 +6,8 @@ each with a fresh mmap and returns it on free, so every reuse pays first-touch p
 measured on 2 cores (paper model, batch 32, alternating runs): training 11.1/9.5 -> 12.7/10.6
 img/s, inference 31.2/31.9 -> 39.8/35.6 img/s, with a resident size that stays flat over mixed
 batch sizes (772 MB over 20 steps; peak +30 to +250 MB). The `emcaps` command calls it; library
-users may call it too. It only applies to glibc (Linux); elsewhere it does nothing and says so.
+users may call it too. It only applies to glibc (Linux); elsewhere it does nothing and returns
+False.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from emcaps_cli.capsules.geometry import conv_child_map
 D = torch.float64
 
 
-def problem(pose, exact, offset, seed=0, images=2, chunk_elements=-1):
+def problem(pose, exact, offset, seed=0, images=2, chunk_elements=None):
     g = torch.Generator().manual_seed(seed)
     rows, q = (4, 4) if pose == "matrix" else (1, 16)
     side, k, b, j = 4, 3, 2, 3

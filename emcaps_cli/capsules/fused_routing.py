@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations, row_dots
-from emcaps_cli.capsules.votes import compute_votes, vote_backward
+from emcaps_cli.capsules.votes import compute_votes, vote_backward, vote_matrix, votes_from_matrix
 
 # Votes per routing chunk (64 MB in fp32): the best of 2^22..2^25 measured on 2 cores (paper and
 # small model, batch 32; docs/performance.md, "Routing the batch in chunks").
@@ -41,8 +41,8 @@ class RoutingSpec:
     rows: int
     row_len: int
     # Route as many images at a time as keep one chunk's vote tensor within this many elements
-    # (at least one image; 0 routes the whole batch at once). See VOTE_CHUNK_ELEMENTS.
-    chunk_elements: int = -1
+    # (at least one image; 0 routes the whole batch at once; None: VOTE_CHUNK_ELEMENTS).
+    chunk_elements: int | None = None
 
 
 class _RecordingVoteOps(VoteOps):
@@ -124,11 +124,12 @@ class _Quadratic(torch.autograd.Function):
         return grad_inv_var, grad_mean_inv_var, None
 
 
-def _centred_votes(child_poses, transforms, vote_offset, spec):
-    votes = compute_votes(child_poses, transforms, spec.rows, spec.row_len)  # (N, L, J, S, H)
+def _centred_votes(child_poses, matrix, vote_offset):
+    """Votes (n, L, J, S, H) centred on their unweighted mean per parent, and that mean."""
+    votes = votes_from_matrix(child_poses, matrix)  # (n, L, J, S, H)
     if vote_offset is not None:
         votes += vote_offset  # (S, H) broadcast
-    shift = votes.mean(dim=3, keepdim=True)  # (N, L, J, 1, H)
+    shift = votes.mean(dim=3, keepdim=True)  # (n, L, J, 1, H)
     votes -= shift
     return votes, shift
 
@@ -138,7 +139,7 @@ def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSp
     with at most `chunk_elements` vote entries (but at least one image), as even as possible.
     Peak memory then no longer grows with the batch."""
     n, l, s, h = child_poses.shape
-    budget = VOTE_CHUNK_ELEMENTS if spec.chunk_elements < 0 else spec.chunk_elements
+    budget = VOTE_CHUNK_ELEMENTS if spec.chunk_elements is None else spec.chunk_elements
     per_image = l * s * transforms.shape[1] * h
     largest = n if budget == 0 else max(1, min(n, budget // per_image))
     count = -(-n // largest)
@@ -146,8 +147,8 @@ def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSp
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _forward_chunk(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
-    centred, shift = _centred_votes(child_poses, transforms, vote_offset, spec)
+def _forward_chunk(child_poses, matrix, activations_in, beta_u, beta_a, vote_offset, spec):
+    centred, shift = _centred_votes(child_poses, matrix, vote_offset)
     ops = VoteOps(centred, centred * centred)
     mean, logit, _ = routing_iterations(
         ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
@@ -157,19 +158,20 @@ def _forward_chunk(child_poses, transforms, activations_in, beta_u, beta_a, vote
 
 def _backward_chunk(
     child_poses,
-    transforms,
+    matrix,
     activations_in,
     beta_u,
     beta_a,
     vote_offset,
     spec,
+    transforms,
     grad_poses,
     grad_logit,
     need_offset,
 ):
     """Gradients for one slice of the batch: (poses, transforms, a_in, β_u, β_a, offset)."""
     with torch.no_grad():
-        centred, _ = _centred_votes(child_poses, transforms, vote_offset, spec)
+        centred, _ = _centred_votes(child_poses, matrix, vote_offset)
         ops = _RecordingVoteOps(centred, centred * centred)
     with torch.enable_grad():
         small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
@@ -195,9 +197,9 @@ def _backward_chunk(
 
 
 def _slice_batch(inputs: tuple, part: slice) -> tuple:
-    """(poses, W, a_in, β_u, β_a, offset, spec) with the per-image tensors cut to `part`."""
-    child_poses, transforms, activations_in, *rest = inputs
-    return (child_poses[part], transforms, activations_in[part], *rest)
+    """(poses, vote matrix, a_in, β_u, β_a, offset, spec) with the per-image tensors cut."""
+    child_poses, matrix, activations_in, *rest = inputs
+    return (child_poses[part], matrix, activations_in[part], *rest)
 
 
 def _add(total, part):
@@ -209,7 +211,8 @@ def _add(total, part):
 class _FusedRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
-        inputs = (child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
+        matrix = vote_matrix(transforms, spec.rows)  # (S, 16, J*16), once for all chunks
+        inputs = (child_poses, matrix, activations_in, beta_u, beta_a, vote_offset, spec)
         means, logits = [], []
         for part in _chunks(child_poses, transforms, spec):
             mean, logit = _forward_chunk(*_slice_batch(inputs, part))
@@ -226,10 +229,12 @@ class _FusedRouting(torch.autograd.Function):
         need_offset = vote_offset is not None and ctx.needs_input_grad[5]
         grad_child, grad_a_in = [], []
         grad_w = grad_bu = grad_ba = grad_offset = None
-        inputs = (child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
+        matrix = vote_matrix(transforms, spec.rows)  # (S, 16, J*16), once for all chunks
+        inputs = (child_poses, matrix, activations_in, beta_u, beta_a, vote_offset, spec)
         for part in _chunks(child_poses, transforms, spec):
             g_child, g_w, g_a, g_bu, g_ba, g_off = _backward_chunk(
                 *_slice_batch(inputs, part),
+                transforms,
                 None if grad_poses is None else grad_poses[part],
                 None if grad_logit is None else grad_logit[part],
                 need_offset,

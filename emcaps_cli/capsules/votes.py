@@ -26,7 +26,7 @@ def _transform_matrix(transforms: torch.Tensor) -> torch.Tensor:
     return transforms.permute(0, 2, 1, 3).reshape(s, q, j * q)
 
 
-def _block_diagonal_transforms(transforms: torch.Tensor, rows: int) -> torch.Tensor:
+def vote_matrix(transforms: torch.Tensor, rows: int) -> torch.Tensor:
     """(S, J, q, q) -> (S, 16, J*16): M[s, (r', k), (j, r, c)] = δ(r, r') W[s, j, k, c].
 
     A flat pose (16,) @ M gives the flat votes of slot s for every parent type at once: for
@@ -42,16 +42,20 @@ def _block_diagonal_transforms(transforms: torch.Tensor, rows: int) -> torch.Ten
     return torch.einsum("ab,sjkc->sakjbc", eye, transforms).reshape(s, rows * q, j * POSE_SIZE)
 
 
+def votes_from_matrix(child_poses: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """child_poses (N, L, S, 16), vote_matrix (S, 16, J*16) -> votes (N, L, J, S, 16)."""
+    n, l, s, _ = child_poses.shape
+    j = matrix.shape[-1] // POSE_SIZE
+    v = torch.bmm(_rows_by_slot(child_poses, 1, POSE_SIZE), matrix)  # (S, N*L, J*16)
+    v = v.view(s, n, l, j, POSE_SIZE).permute(1, 2, 3, 0, 4)  # (N, L, J, S, 16)
+    return v.contiguous()
+
+
 def compute_votes(
     child_poses: torch.Tensor, transforms: torch.Tensor, rows: int, row_len: int
 ) -> torch.Tensor:
     """child_poses (N, L, S, 16), transforms (S, J, q, q) -> votes (N, L, J, S, 16)."""
-    n, l, s, _ = child_poses.shape
-    j = transforms.shape[1]
-    by_slot = child_poses.reshape(n * l, s, POSE_SIZE).transpose(0, 1).contiguous()  # (S, NL, 16)
-    v = torch.bmm(by_slot, _block_diagonal_transforms(transforms, rows))  # (S, N*L, J*16)
-    v = v.view(s, n, l, j, POSE_SIZE).permute(1, 2, 3, 0, 4)  # (N, L, J, S, 16)
-    return v.contiguous()
+    return votes_from_matrix(child_poses, vote_matrix(transforms, rows))
 
 
 def vote_backward(
