@@ -36,7 +36,7 @@ def measure(args) -> dict:
 
     import emcaps_cli.capsules.layers as layers
     from emcaps_cli.allocator import keep_freed_memory
-    from emcaps_cli.capsules import fused_routing
+    from emcaps_cli.capsules import cpu_kernels, fused_routing
     from emcaps_cli.capsules.fused_routing import plain_route
     from emcaps_cli.device import resolve_device
     from emcaps_cli.losses import spread_loss
@@ -45,6 +45,8 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.allocator == "tuned":
         keep_freed_memory()  # as the emcaps command does
+    if args.impl == "torch":
+        cpu_kernels.set_backend("torch")  # the fused function on PyTorch ops only
     if args.impl == "plain":
         layers.route = plain_route  # the naive baseline: plain autograd through every op
     elif args.impl == "whole":
@@ -91,6 +93,7 @@ def measure(args) -> dict:
         "arch": MODELS[args.model],
         "mode": args.mode,
         "impl": args.impl,
+        "kernels": "c" if args.impl != "plain" and cpu_kernels.use_c_kernels(x) else "torch",
         "routing": args.routing,
         "batch": args.batch,
         "iters": args.iters,
@@ -150,9 +153,10 @@ def main() -> None:
     p.add_argument(
         "--impls",
         nargs="+",
-        default=["fused", "whole", "plain"],
-        choices=["fused", "whole", "plain"],
-        help="fused: the layers' code; whole: fused without routing the batch in chunks; "
+        default=["fused", "torch", "plain"],
+        choices=["fused", "torch", "whole", "plain"],
+        help="fused: the layers' code (C kernels on the CPU when they build); torch: the same "
+        "fused function on PyTorch ops only; whole: fused without routing the batch in chunks; "
         "plain: plain autograd through every op (the naive baseline)",
     )
     p.add_argument("--routing", nargs="+", default=["exact"], choices=["exact", "patch"])

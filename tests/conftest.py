@@ -69,3 +69,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- routing kernels: run a test on the C kernels and on the PyTorch path ---------------------
+
+
+@pytest.fixture(params=["c", "torch"])
+def kernels(request):
+    """Routes through the C kernels ("c") or PyTorch ops only ("torch"), then restores."""
+    from emcaps_cli.capsules import cpu_kernels
+
+    if request.param == "c":
+        try:
+            cpu_kernels.library()
+        except cpu_kernels.KernelsUnavailable as err:  # no C compiler on this machine
+            pytest.skip(str(err))
+    before = cpu_kernels.backend()
+    cpu_kernels.set_backend(request.param)
+    yield request.param
+    cpu_kernels.set_backend(before)

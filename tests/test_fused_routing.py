@@ -29,8 +29,11 @@ def problem(pose, exact, offset, seed=0, images=2, chunk_elements=None):
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("offset", [True, False])
 @pytest.mark.parametrize("chunk_images", [0, 1, 2])
-def test_fused_equals_plain_autograd_values_and_gradients(pose, exact, offset, chunk_images):
-    """Also when the batch of 3 is routed in chunks (1 image, or 2 then 1) instead of at once."""
+def test_fused_equals_plain_autograd_values_and_gradients(
+    pose, exact, offset, chunk_images, kernels
+):
+    """On the C kernels and on PyTorch ops; also when the batch of 3 is routed in chunks
+    (1 image, or 2 then 1) instead of at once."""
     per_image = 4 * 18 * 3 * 16  # parent positions x slots x parent types x pose entries
     inputs, vote_offset, spec = problem(
         pose, exact, offset, images=3, chunk_elements=chunk_images * per_image
@@ -52,7 +55,7 @@ def test_fused_equals_plain_autograd_values_and_gradients(pose, exact, offset, c
         torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
 
 
-def test_fused_gradcheck():
+def test_fused_gradcheck(kernels):
     (poses, transforms, acts, beta_u, beta_a), _, _ = problem("matrix", True, False)
     poses, acts = poses[:1, :2], acts[:1, :2]  # one image, two parent positions
     spec = RoutingSpec(2, 1.0, None, 4, 4)
@@ -60,7 +63,7 @@ def test_fused_gradcheck():
     assert torch.autograd.gradcheck(lambda *x: route(*x, spec), args, eps=1e-6, atol=1e-5)
 
 
-def test_fused_gradient_when_only_activations_are_used():
+def test_fused_gradient_when_only_activations_are_used(kernels):
     inputs, _, spec = problem("matrix", True, False)
     a = [t.clone().requires_grad_(True) for t in inputs]
     b = [t.clone().requires_grad_(True) for t in inputs]
@@ -70,7 +73,7 @@ def test_fused_gradient_when_only_activations_are_used():
         torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
 
 
-def test_backward_frees_its_recordings():
+def test_backward_frees_its_recordings(kernels):
     """No reference cycle survives a backward pass (it once leaked ~80 MB per training step)."""
     import gc
     import weakref
@@ -115,7 +118,7 @@ def test_chunks_respect_the_vote_budget_and_are_balanced():
     assert sizes(10 * per_image) == [8, 8, 8, 8]
 
 
-def test_routing_stays_float32_under_bf16_autocast():
+def test_routing_stays_float32_under_bf16_autocast(kernels):
     """`--amp` autocasts the network; the routing itself must not drop to bf16."""
     inputs, vote_offset, spec = problem("matrix", True, True)
     inputs = [t.float() for t in inputs]
@@ -129,3 +132,36 @@ def test_routing_stays_float32_under_bf16_autocast():
     torch.testing.assert_close(poses_amp, poses, atol=1e-6, rtol=0)
     torch.testing.assert_close(acts_amp, acts, atol=1e-6, rtol=0)
     assert poses_half.dtype == torch.float32  # bf16 inputs are cast up, not routed in bf16
+
+
+def test_backward_twice_with_retained_graph(kernels):
+    """The forward results kept for the backward replay survive a first backward pass."""
+    inputs, vote_offset, spec = problem("matrix", True, True)
+    args = [t.clone().requires_grad_(True) for t in inputs]
+    poses, acts = route(*args, spec, vote_offset)
+    loss = poses.square().sum() + acts.sum()
+    first = torch.autograd.grad(loss, args, retain_graph=True)
+    second = torch.autograd.grad(loss, args)
+    for x, y in zip(first, second, strict=True):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_c_kernels_and_pytorch_path_give_the_same_network(kernels):
+    """The whole paper-shaped network (tiny widths), float64: outputs and every gradient."""
+    from emcaps_cli.capsules import cpu_kernels
+    from emcaps_cli.models import ModelConfig, build_model, parse_arch
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=parse_arch("8,4,4,4"))).double()
+    x = torch.randn(3, 2, 32, 32, dtype=D)
+    results = []
+    for backend in ("torch", kernels):
+        cpu_kernels.set_backend(backend)
+        model.zero_grad()
+        out = model(x)
+        (out * torch.arange(5, dtype=D)).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1, o2, atol=1e-12, rtol=0)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations, row_dots
+from emcaps_cli.capsules import cpu_kernels
+from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations
 from emcaps_cli.capsules.votes import compute_votes, vote_backward, vote_matrix, votes_from_matrix
 
 # Votes per routing chunk (64 MB in fp32): the best of 2^22..2^25 measured on 2 cores (paper and
@@ -45,11 +46,52 @@ class RoutingSpec:
     chunk_elements: int | None = None
 
 
-class _RecordingVoteOps(VoteOps):
-    """VoteOps whose backward records (slot coefficient, v-coefficient, constant) triples."""
+class CVoteOps(VoteOps):
+    """VoteOps on the C kernels: the raw votes and their per-parent mean are stored; each pass
+    centres the votes and squares them as it reads them."""
 
-    def __init__(self, centred_votes: torch.Tensor, centred_votes_sq: torch.Tensor) -> None:
-        super().__init__(centred_votes, centred_votes_sq)
+    def __init__(self, votes: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__(votes, None)
+        self.shift = shift  # (N, L, J, 1, H)
+
+    def moments(self, weighted):
+        return cpu_kernels.moments(self.v, self.shift, weighted)
+
+    def row_forms(self, lin, sq):
+        return cpu_kernels.row_forms(self.v, self.shift, lin, sq)
+
+    def quadratic(self, inv_var, mean_inv_var):
+        return cpu_kernels.row_forms(self.v, self.shift, -2.0 * mean_inv_var, inv_var)
+
+
+class _TapedVoteOps:
+    """A VoteOps whose forward results are appended to a tape, so that the backward replay of
+    the routing loop takes them from there instead of reading the votes again (the replay runs
+    the same code on the same inputs, so it asks for the same results in the same order)."""
+
+    def __init__(self, base: VoteOps, tape: list[torch.Tensor]) -> None:
+        self.base, self.v, self.tape = base, base.v, tape
+
+    def moments(self, weighted):
+        out = self.base.moments(weighted)
+        self.tape.extend(out)
+        return out
+
+    def quadratic(self, inv_var, mean_inv_var):
+        out = self.base.quadratic(inv_var, mean_inv_var)
+        self.tape.append(out)
+        return out
+
+
+class _RecordingVoteOps:
+    """Wraps a VoteOps for the backward replay: its backward records (slot coefficient,
+    v-coefficient, constant) triples instead of writing vote-sized gradients. With a tape
+    from the forward pass, the forward results are read from it."""
+
+    def __init__(self, base: VoteOps, tape: list[torch.Tensor] | None) -> None:
+        self.base = base
+        self.v = base.v
+        self.tape, self.position = tape, 0
         self.slot_coefs: list[torch.Tensor] = []  # (N, L, J, S)
         self.v_coefs: list[torch.Tensor] = []  # (N, L, J, H): multiplies v
         self.constants: list[torch.Tensor] = []  # (N, L, J, H)
@@ -66,6 +108,16 @@ class _RecordingVoteOps(VoteOps):
 
     def quadratic(self, inv_var, mean_inv_var):
         return _Quadratic.apply(inv_var, mean_inv_var, self)
+
+    def taped(self, count: int, compute, *args):
+        """The next `count` results on the tape, or compute(*args) without a tape."""
+        if self.tape is None:
+            return compute(*args)
+        # Views: autograd gives the returned tensors a grad_fn, and that must not land on the
+        # taped tensors themselves (the node holds this object, which holds the tape: a cycle).
+        out = [t.view_as(t) for t in self.tape[self.position : self.position + count]]
+        self.position += count
+        return tuple(out) if count > 1 else out[0]
 
     def vote_gradient(self) -> torch.Tensor:
         """dL/dv (N, L, J, S, H) = v ⊙ (A @ B) + A @ C from the records."""
@@ -87,7 +139,7 @@ class _Moments(torch.autograd.Function):
     def forward(ctx, weighted, ops):
         ctx.ops = ops
         ctx.save_for_backward(weighted)
-        return VoteOps.moments(ops, weighted)
+        return ops.taped(2, ops.base.moments, weighted)
 
     @staticmethod
     def backward(ctx, grad_sum, grad_sum_sq):
@@ -97,7 +149,7 @@ class _Moments(torch.autograd.Function):
             grad_sum = torch.zeros_like(ops.v[..., 0, :])
         if grad_sum_sq is None:
             grad_sum_sq = torch.zeros_like(ops.v[..., 0, :])
-        grad_w = row_dots(ops.v, grad_sum) + row_dots(ops.v2, grad_sum_sq)
+        grad_w = ops.base.row_forms(grad_sum, grad_sum_sq)  # Σ_h v g1 + v² g2
         # d/dv of w·v and w·v²: w ⊗ g1 + 2 v ⊙ (w ⊗ g2)
         ops.record(weighted, 2.0 * grad_sum_sq, grad_sum)
         return grad_w, None
@@ -110,18 +162,63 @@ class _Quadratic(torch.autograd.Function):
     def forward(ctx, inv_var, mean_inv_var, ops):
         ctx.ops = ops
         ctx.save_for_backward(inv_var, mean_inv_var)
-        return VoteOps.quadratic(ops, inv_var, mean_inv_var)
+        return ops.taped(1, ops.base.quadratic, inv_var, mean_inv_var)
 
     @staticmethod
     def backward(ctx, grad_quad):
         ops = ctx.ops
         inv_var, mean_inv_var = ctx.saved_tensors
-        g = grad_quad.unsqueeze(-2)  # (N, L, J, 1, S)
-        grad_inv_var = (g @ ops.v2).squeeze(-2)
-        grad_mean_inv_var = -2.0 * (g @ ops.v).squeeze(-2)
+        weighted_v, weighted_v2 = ops.base.moments(grad_quad)  # Σ_s g v, Σ_s g v²
         # d/dv: g ⊗ (2 v ⊙ iv − 2 m)
         ops.record(grad_quad, 2.0 * inv_var, -2.0 * mean_inv_var)
-        return grad_inv_var, grad_mean_inv_var, None
+        return weighted_v2, -2.0 * weighted_v, None
+
+
+class _TorchVotes:
+    """Votes and their backward in PyTorch ops (any device): votes as one block-diagonal matmul
+    per slot, v and v² stored for the routing passes."""
+
+    @staticmethod
+    def prepare(transforms, spec):
+        return vote_matrix(transforms, spec.rows)  # (S, 16, J*16)
+
+    @staticmethod
+    def ops(child_poses, prepared, vote_offset):
+        centred, shift = _centred_votes(child_poses, prepared, vote_offset)
+        return VoteOps(centred, centred * centred), shift
+
+    @staticmethod
+    def backward(child_poses, transforms, prepared, ops, spec, need_offset):
+        ops.base.v2 = None  # free before the vote-sized gradient is built
+        grad_votes = ops.vote_gradient()  # (n, L, J, S, H)
+        ops.base.v = ops.v = None
+        grad_offset = grad_votes.sum(dim=(0, 1, 2)) if need_offset else None
+        grad_child, grad_transforms = vote_backward(
+            grad_votes, child_poses, transforms, spec.rows, spec.row_len
+        )
+        return grad_child, grad_transforms, grad_offset
+
+
+class _CVotes:
+    """Votes and their backward on the C kernels (CPU): votes computed straight into the
+    routing layout, the vote gradient assembled and mapped to poses and W without storing it."""
+
+    @staticmethod
+    def prepare(transforms, spec):
+        return cpu_kernels.tile_transforms(transforms)  # (S, J, q, 16)
+
+    @staticmethod
+    def ops(child_poses, prepared, vote_offset):
+        votes, shift = cpu_kernels.votes(child_poses, prepared, vote_offset)
+        return CVoteOps(votes, shift), shift
+
+    @staticmethod
+    def backward(child_poses, transforms, prepared, ops, spec, need_offset):
+        b = torch.stack(ops.v_coefs, dim=-2)  # (n, L, J, T, H)
+        c = torch.stack(ops.constants, dim=-2)  # (n, L, J, T, H)
+        return cpu_kernels.vote_backward(
+            child_poses, prepared, ops.v, ops.base.shift, ops.slot_coefs, b, c, need_offset
+        )
 
 
 def _centred_votes(child_poses, matrix, vote_offset):
@@ -147,9 +244,12 @@ def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSp
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _forward_chunk(child_poses, matrix, activations_in, beta_u, beta_a, vote_offset, spec):
-    centred, shift = _centred_votes(child_poses, matrix, vote_offset)
-    ops = VoteOps(centred, centred * centred)
+def _forward_chunk(
+    child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind, tape
+):
+    ops, shift = kind.ops(child_poses, prepared, vote_offset)
+    if tape is not None:
+        ops = _TapedVoteOps(ops, tape)
     mean, logit, _ = routing_iterations(
         ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
     )
@@ -158,12 +258,14 @@ def _forward_chunk(child_poses, matrix, activations_in, beta_u, beta_a, vote_off
 
 def _backward_chunk(
     child_poses,
-    matrix,
+    prepared,
     activations_in,
     beta_u,
     beta_a,
     vote_offset,
     spec,
+    kind,
+    tape,
     transforms,
     grad_poses,
     grad_logit,
@@ -171,8 +273,8 @@ def _backward_chunk(
 ):
     """Gradients for one slice of the batch: (poses, transforms, a_in, β_u, β_a, offset)."""
     with torch.no_grad():
-        centred, _ = _centred_votes(child_poses, matrix, vote_offset)
-        ops = _RecordingVoteOps(centred, centred * centred)
+        base, _ = kind.ops(child_poses, prepared, vote_offset)
+        ops = _RecordingVoteOps(base, tape)
     with torch.enable_grad():
         small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
         mean, logit, _ = routing_iterations(
@@ -184,20 +286,16 @@ def _backward_chunk(
                 outputs.append(out)
                 grads.append(grad)
         small_grads = torch.autograd.grad(outputs, small, grads, allow_unused=True)
-    ops.v2 = None  # free before the vote-sized gradient is built
-    del centred
+    del base
     with torch.no_grad():
-        grad_votes = ops.vote_gradient()  # (n, L, J, S, H)
-        ops.v = None
-        grad_offset = grad_votes.sum(dim=(0, 1, 2)) if need_offset else None
-        grad_child, grad_transforms = vote_backward(
-            grad_votes, child_poses, transforms, spec.rows, spec.row_len
+        grad_child, grad_transforms, grad_offset = kind.backward(
+            child_poses, transforms, prepared, ops, spec, need_offset
         )
     return (grad_child, grad_transforms, *small_grads, grad_offset)
 
 
 def _slice_batch(inputs: tuple, part: slice) -> tuple:
-    """(poses, vote matrix, a_in, β_u, β_a, offset, spec) with the per-image tensors cut."""
+    """(poses, prepared W, a_in, β_u, β_a, offset, spec, kind) with the per-image tensors cut."""
     child_poses, matrix, activations_in, *rest = inputs
     return (child_poses[part], matrix, activations_in[part], *rest)
 
@@ -211,14 +309,21 @@ def _add(total, part):
 class _FusedRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
-        matrix = vote_matrix(transforms, spec.rows)  # (S, 16, J*16), once for all chunks
-        inputs = (child_poses, matrix, activations_in, beta_u, beta_a, vote_offset, spec)
-        means, logits = [], []
+        kind = _CVotes if cpu_kernels.use_c_kernels(child_poses) else _TorchVotes
+        prepared = kind.prepare(transforms, spec)  # once for all chunks
+        inputs = (child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind)
+        # The forward results of the vote-reading operations, one tape per chunk, kept for the
+        # backward replay when a gradient will be asked for: (N, L, J, S) per E-step and
+        # 2 x (N, L, J, H) per M-step, against re-reading the votes 5 times (3 iterations).
+        keep = any(ctx.needs_input_grad[:6])
+        means, logits, tapes = [], [], []
         for part in _chunks(child_poses, transforms, spec):
-            mean, logit = _forward_chunk(*_slice_batch(inputs, part))
+            tape = [] if keep else None
+            mean, logit = _forward_chunk(*_slice_batch(inputs, part), tape)
             means.append(mean)
             logits.append(logit)
-        ctx.spec = spec
+            tapes.append(tape)
+        ctx.spec, ctx.kind, ctx.tapes = spec, kind, tapes
         ctx.save_for_backward(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset)
         return torch.cat(means), torch.cat(logits)
 
@@ -229,11 +334,14 @@ class _FusedRouting(torch.autograd.Function):
         need_offset = vote_offset is not None and ctx.needs_input_grad[5]
         grad_child, grad_a_in = [], []
         grad_w = grad_bu = grad_ba = grad_offset = None
-        matrix = vote_matrix(transforms, spec.rows)  # (S, 16, J*16), once for all chunks
-        inputs = (child_poses, matrix, activations_in, beta_u, beta_a, vote_offset, spec)
-        for part in _chunks(child_poses, transforms, spec):
+        kind = ctx.kind
+        prepared = kind.prepare(transforms, spec)  # once for all chunks
+        inputs = (child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind)
+        tapes = ctx.tapes
+        for part, tape in zip(_chunks(child_poses, transforms, spec), tapes, strict=True):
             g_child, g_w, g_a, g_bu, g_ba, g_off = _backward_chunk(
                 *_slice_batch(inputs, part),
+                tape,
                 transforms,
                 None if grad_poses is None else grad_poses[part],
                 None if grad_logit is None else grad_logit[part],

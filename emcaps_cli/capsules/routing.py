@@ -97,6 +97,10 @@ class VoteOps:
         w = weighted.unsqueeze(-2)  # (N, L, J, 1, S)
         return (w @ self.v).squeeze(-2), (w @ self.v2).squeeze(-2)
 
+    def row_forms(self, lin: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        """Σ_h v lin + v² sq for every slot: (N, L, J, H) x 2 -> (N, L, J, S)."""
+        return row_dots(self.v, lin) + row_dots(self.v2, sq)
+
     def quadratic(self, inv_var: torch.Tensor, mean_inv_var: torch.Tensor) -> torch.Tensor:
         """Σ_h v² /σ² − 2 Σ_h v μ/σ²: (N, L, J, H) x 2 -> (N, L, J, S)."""
         return row_dots(self.v2, inv_var) - 2.0 * row_dots(self.v, mean_inv_var)

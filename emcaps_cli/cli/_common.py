@@ -36,3 +36,29 @@ def friendly_errors(fn: F) -> F:
 def print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     sys.stdout.flush()
+
+
+KERNELS_HELP = (
+    "Routing kernels on the CPU: auto (C kernels, built once with the system C compiler; "
+    "PyTorch ops with a warning if that fails), c (C kernels or an error), torch (PyTorch "
+    "ops only). GPUs always use PyTorch ops. Default: $EMCAPS_KERNELS, else auto."
+)
+
+
+def kernels_option() -> Any:
+    return typer.Option(None, "--kernels", help=KERNELS_HELP, show_default=False)
+
+
+def use_kernels(choice: str | None) -> None:
+    """Apply --kernels (or check $EMCAPS_KERNELS): a bad value is a one-line error."""
+    from emcaps_cli.capsules import cpu_kernels
+
+    try:
+        if choice is not None:
+            cpu_kernels.set_backend(choice)
+        if cpu_kernels.backend() == "c":
+            cpu_kernels.library()  # build now: a failure is an error before any work starts
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--kernels") from None
+    except cpu_kernels.KernelsUnavailable as exc:
+        raise EmcapsError(f"--kernels c: {exc}") from None

@@ -19,7 +19,13 @@ from emcaps_cli.attacks import (
     parse_eps,
     work_units,
 )
-from emcaps_cli.cli._common import console, friendly_errors, print_json
+from emcaps_cli.cli._common import (
+    console,
+    friendly_errors,
+    kernels_option,
+    print_json,
+    use_kernels,
+)
 from emcaps_cli.cli.evaluate import DEFAULT_DATA, progress_bar
 from emcaps_cli.device import resolve_device
 from emcaps_cli.errors import EmcapsError
@@ -112,10 +118,12 @@ def attack(
     data: Path = typer.Option(DEFAULT_DATA, "--data", help="HDF5 cache from `emcaps prepare`."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    kernels: str | None = kernels_option(),
 ) -> None:
     """Accuracy (or targeted success rate) of CKPT(s) on FGSM or BIM adversarial test images,
     for each ε, with the section 6 gradient diagnostics (share of exactly-zero input-gradient
     entries, mean |gradient|). ε is in units of the standardised image and nothing is clipped."""
+    use_kernels(kernels)
     if plot is not None and plot.suffix.lower() != ".png":
         raise EmcapsError(f"--plot {plot}: expected a .png file name")
     if eps is None:

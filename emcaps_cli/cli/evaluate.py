@@ -12,7 +12,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from emcaps_cli.checkpoint import load_model
-from emcaps_cli.cli._common import console, friendly_errors, print_json
+from emcaps_cli.cli._common import (
+    console,
+    friendly_errors,
+    kernels_option,
+    print_json,
+    use_kernels,
+)
 from emcaps_cli.device import resolve_device
 from emcaps_cli.evaluation import (
     CLASS_NAMES,
@@ -92,9 +98,11 @@ def evaluate(
         None, "--limit", help="Evaluate N evenly spaced test images (all classes and viewpoints)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    kernels: str | None = kernels_option(),
 ) -> None:
     """Test error of a checkpoint: overall, per class, confusion matrix, by azimuth and
     elevation, and familiar vs novel viewpoints for a checkpoint trained on a viewpoint split."""
+    use_kernels(kernels)
     torch_device = resolve_device(device)
     model, ckpt = load_model(checkpoint, torch_device)
     test = load_test_images(data, limit)

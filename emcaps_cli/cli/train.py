@@ -17,7 +17,13 @@ from rich.progress import (
 )
 
 from emcaps_cli.cli import model_options as opts
-from emcaps_cli.cli._common import console, friendly_errors, print_json
+from emcaps_cli.cli._common import (
+    console,
+    friendly_errors,
+    kernels_option,
+    print_json,
+    use_kernels,
+)
 from emcaps_cli.training import (
     Reporter,
     TrainConfig,
@@ -161,6 +167,7 @@ def train_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling, augmentation."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    kernels: str | None = kernels_option(),
     validation_fraction: float = typer.Option(
         0.1,
         "--validation-fraction",
@@ -196,6 +203,7 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Train on the smallNORB cache; write checkpoints, metrics and curves to RUN_DIR."""
+    use_kernels(kernels)
     if resume:
         if out is None:
             raise typer.BadParameter("--resume needs --out RUN_DIR", param_hint="--resume")
@@ -204,7 +212,7 @@ def train_command(
             name
             for name in ctx.params
             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
-        } - {"resume", "json_out", "out"}
+        } - {"resume", "json_out", "out", "kernels"}
         renamed = {"compile_model": "compile"}
         overrides = {renamed.get(n, n): ctx.params[n] for n in given}
         overrides = {k: str(v) if k == "data" else v for k, v in overrides.items()}

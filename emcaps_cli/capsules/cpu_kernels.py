@@ -1,0 +1,281 @@
+"""C kernels for the vote-sized work of EM routing on the CPU (source: cpu_kernels.c).
+
+The PyTorch path (`routing.VoteOps`) makes one pass over memory per vote-sized operation and
+keeps v² next to v; these kernels compute the votes straight into the routing layout, read them
+once per routing pass (v² on the fly) and assemble the vote gradient without storing it.
+
+The source is compiled on first use with the system C compiler (`$CC`, else `cc`) at
+`-O3 -march=native` and cached under `$EMCAPS_KERNEL_CACHE` (default
+`~/.cache/emcaps/kernels`), keyed by the source, compiler, flags and CPU, and called through
+ctypes. The kernels split their loops with OpenMP; they bind to the OpenMP runtime PyTorch has
+already loaded, so they run on PyTorch's threads (`torch.set_num_threads`).
+
+Which path runs is `backend()`: "auto" (the default; the C kernels for float32/float64 CPU
+tensors when they build, with a one-line warning on stderr when they do not), "c" (the C
+kernels or an error) or "torch" (the PyTorch path everywhere). GPU tensors always take the
+PyTorch path. Set it with `set_backend`, the `--kernels` option or `EMCAPS_KERNELS`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
+BACKENDS = ("auto", "c", "torch")
+POSE_SIZE = 16
+
+_backend = os.environ.get("EMCAPS_KERNELS", "auto")
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+_warned = False
+_local = threading.local()  # per-thread vote workspace (see _workspace)
+
+
+class KernelsUnavailable(RuntimeError):
+    """The C kernels could not be built or loaded (the message says why)."""
+
+
+def set_backend(name: str) -> None:
+    """Choose "auto", "c" or "torch" for the routing's vote-sized work (see the module doc)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}, got {name!r}")
+    _backend = name
+
+
+def backend() -> str:
+    if _backend not in BACKENDS:
+        raise ValueError(f"EMCAPS_KERNELS must be one of {', '.join(BACKENDS)}, got {_backend!r}")
+    return _backend
+
+
+def use_c_kernels(like: torch.Tensor) -> bool:
+    """Whether routing on tensors like `like` runs on the C kernels."""
+    choice = backend()
+    if choice == "torch" or like.device.type != "cpu":
+        return False
+    if like.dtype not in (torch.float32, torch.float64):
+        if choice == "c":
+            raise KernelsUnavailable(f"the C kernels take float32 or float64, not {like.dtype}")
+        return False
+    try:
+        library()
+    except KernelsUnavailable as err:
+        if choice == "c":
+            raise
+        _warn_once(f"emcaps: using the slower PyTorch routing kernels ({err})")
+        return False
+    return True
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        print(message, file=sys.stderr)
+        _warned = True
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("EMCAPS_KERNEL_CACHE"):
+        return Path(os.environ["EMCAPS_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "emcaps" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and flags (a shared cache must not hand a
+    library built for one CPU to another)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["no output"])[0]
+            raise KernelsUnavailable(f"{compiler} failed to build {SOURCE.name}: {first}")
+        os.replace(tmp, target)  # atomic: a concurrent reader sees the old file or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernels, built on first use; raises KernelsUnavailable with the reason."""
+    global _library, _failure
+    if _library is not None:
+        return _library
+    if _failure is not None:
+        raise KernelsUnavailable(_failure)
+    try:
+        _library = _load()
+    except KernelsUnavailable as err:
+        _failure = str(err)
+        raise
+    return _library
+
+
+def _load() -> ctypes.CDLL:
+    if platform.system() == "Windows":
+        raise KernelsUnavailable("the C kernels are built with a Unix C compiler")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise KernelsUnavailable(f"no C compiler found ({os.environ.get('CC', 'cc')})")
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode()):
+        key.update(part)
+    key.update((platform.machine() + _cpu_signature()).encode())
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        _build(compiler, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        raise KernelsUnavailable(f"could not load {target}: {err}") from err
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"votes_{suffix}").argtypes = [ptr] * 3 + [i64] * 5 + [ptr] * 2
+        getattr(lib, f"moments_{suffix}").argtypes = [ptr] * 3 + [i64] * 3 + [ptr] * 2
+        getattr(lib, f"row_forms_{suffix}").argtypes = [ptr] * 4 + [i64] * 3 + [ptr]
+        getattr(lib, f"vote_backward_{suffix}").argtypes = (
+            [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 6 + [ptr] * 3
+        )
+    return lib
+
+
+def _function(name: str, dtype: torch.dtype):
+    return getattr(library(), f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
+def _call(fn, total: int, head: tuple, tail: tuple) -> None:
+    """fn(*head, 0, total, *tail): the kernel splits [0, total) over OpenMP threads itself."""
+    fn(*head, 0, total, *tail)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def tile_transforms(transforms: torch.Tensor) -> torch.Tensor:
+    """(S, J, q, q) -> (S, J, q, 16) with tiled[s, j, k, h] = W[s, j, k, h % q]."""
+    q = transforms.shape[-1]
+    return transforms.repeat(1, 1, 1, POSE_SIZE // q).contiguous()
+
+
+def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer of at least `numel` entries, reused by every votes() call of this thread.
+
+    Routing chunks run one after another and each needs its votes only until it ends, so one
+    buffer serves them all; a fresh 64 MB tensor per chunk cost more in first-touch page faults
+    (~65 ms each, measured) than computing the votes (~3 ms)."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get(like.dtype)
+    if buf is None or buf.numel() < numel:
+        buffers.pop(like.dtype, None)
+        buf = buffers[like.dtype] = like.new_empty(numel)
+    return buf[:numel]
+
+
+def votes(
+    child_poses: torch.Tensor, tiled: torch.Tensor, offset: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """child_poses (N, L, S, 16), tiled (S, J, q, 16), offset (S, 16) or None ->
+    votes (N, L, J, S, 16) and their unweighted mean per parent (N, L, J, 1, 16).
+
+    The kernels below take both and work on the centred votes (votes − mean). The votes live in
+    a per-thread workspace: they are valid until the next call of votes() in the same thread."""
+    n, l, s, h = child_poses.shape
+    j, q = tiled.shape[1], tiled.shape[2]
+    poses = child_poses.contiguous()
+    offset = None if offset is None else offset.to(poses.dtype).contiguous()
+    out = _workspace(n * l * j * s * h, poses).view(n, l, j, s, h)
+    shift = poses.new_empty(n, l, j, 1, h)
+    fn = _function("votes", poses.dtype)
+    _call(fn, n * l, (_ptr(poses), _ptr(tiled), _ptr(offset), s, j, q), (_ptr(out), _ptr(shift)))
+    return out, shift
+
+
+def moments(
+    votes: torch.Tensor, shift: torch.Tensor, weighted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """votes (..., S, 16), shift (..., 1, 16), weighted (..., S) -> Σ_s w x and Σ_s w x² with
+    x = votes − shift, (..., 16) each."""
+    *lead, s, h = votes.shape
+    w = weighted.to(votes.dtype).contiguous()
+    total, total_sq = votes.new_empty(*lead, h), votes.new_empty(*lead, h)
+    rows = votes.numel() // (s * h)
+    fn = _function("moments", votes.dtype)
+    head = (_ptr(votes), _ptr(shift), _ptr(w), s)
+    _call(fn, rows, head, (_ptr(total), _ptr(total_sq)))
+    return total, total_sq
+
+
+def row_forms(
+    votes: torch.Tensor, shift: torch.Tensor, lin: torch.Tensor, sq: torch.Tensor
+) -> torch.Tensor:
+    """votes (..., S, 16), shift (..., 1, 16), lin and sq (..., 16) -> Σ_h x (lin + sq x) with
+    x = votes − shift: (..., S)."""
+    *lead, s, h = votes.shape
+    lin = lin.to(votes.dtype).contiguous()
+    sq = sq.to(votes.dtype).contiguous()
+    out = votes.new_empty(*lead, s)
+    rows = votes.numel() // (s * h)
+    fn = _function("row_forms", votes.dtype)
+    _call(fn, rows, (_ptr(votes), _ptr(shift), _ptr(lin), _ptr(sq), s), (_ptr(out),))
+    return out
+
+
+def vote_backward(
+    child_poses: torch.Tensor,
+    tiled: torch.Tensor,
+    votes: torch.Tensor,
+    shift: torch.Tensor,
+    slot_coefs: list[torch.Tensor],
+    v_coefs: torch.Tensor,
+    constants: torch.Tensor,
+    need_offset: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of poses, transforms and offset from a vote gradient given implicitly as
+    dL/dv = x ⊙ (Σ_t A_t B_t) + Σ_t A_t C_t with x = votes − shift (never stored).
+
+    child_poses (N, L, S, 16), tiled (S, J, q, 16), votes (N, L, J, S, 16), shift
+    (N, L, J, 1, 16), slot_coefs T x (N, L, J, S), v_coefs and constants (N, L, J, T, 16).
+    Returns grad poses (N, L, S, 16), grad transforms (S, J, q, q), grad offset (S, 16) or None.
+    """
+    n, l, s, h = child_poses.shape
+    j, q = tiled.shape[1], tiled.shape[2]
+    poses = child_poses.contiguous()
+    coefs = [c.to(votes.dtype).contiguous() for c in slot_coefs]
+    pointers = (ctypes.c_void_p * len(coefs))(*[c.data_ptr() for c in coefs])
+    v_coefs = v_coefs.to(votes.dtype).contiguous()
+    constants = constants.to(votes.dtype).contiguous()
+    grad_poses = poses.new_empty(n, l, s, h)
+    grad_tiled = poses.new_zeros(tiled.shape)
+    grad_offset = poses.new_zeros(s, h) if need_offset else None
+    fn = _function("vote_backward", votes.dtype)
+    head = (_ptr(poses), _ptr(tiled), _ptr(votes), _ptr(shift), pointers, len(coefs))
+    head += (_ptr(v_coefs), _ptr(constants), n * l, s, j, q)
+    _call(fn, s, head, (_ptr(grad_poses), _ptr(grad_tiled), _ptr(grad_offset)))
+    grad_transforms = grad_tiled.view(s, j, q, h // q, q).sum(3)  # fold the tiled copies
+    return grad_poses, grad_transforms, grad_offset

@@ -1,0 +1,160 @@
+"""The C kernels of the routing equal the plain PyTorch expressions they replace, and the
+kernels are built, cached and chosen as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emcaps_cli.capsules import cpu_kernels
+from emcaps_cli.capsules.votes import compute_votes
+
+
+@pytest.fixture(autouse=True)
+def _need_compiler():
+    try:
+        cpu_kernels.library()
+    except cpu_kernels.KernelsUnavailable as err:
+        pytest.skip(str(err))
+
+
+def case(dtype, q, slots=37, blocks=(2, 5), types=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, l = blocks
+    poses = torch.randn(n, l, slots, 16, generator=g, dtype=dtype)
+    transforms = torch.randn(slots, types, q, q, generator=g, dtype=dtype)
+    offset = torch.randn(slots, 16, generator=g, dtype=dtype)
+    return poses, transforms, offset
+
+
+TOL = {torch.float64: dict(atol=1e-11, rtol=1e-11), torch.float32: dict(atol=2e-4, rtol=1e-5)}
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [4, 16])  # matrix poses (4 rows of 4) and vector poses (1 x 16)
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_votes_are_pose_times_transform_plus_offset_and_their_mean(dtype, q, with_offset):
+    poses, transforms, offset = case(dtype, q)
+    offset = offset if with_offset else None
+    expected = compute_votes(poses, transforms, 16 // q, q)  # (N, L, J, S, 16)
+    if offset is not None:
+        expected = expected + offset
+    votes, shift = cpu_kernels.votes(poses, cpu_kernels.tile_transforms(transforms), offset)
+    torch.testing.assert_close(votes, expected, **TOL[dtype])
+    torch.testing.assert_close(shift, expected.mean(dim=3, keepdim=True), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slots", [37, 48, 5])  # tails of the 16-slot tiles, and none
+def test_moments_and_row_forms_on_centred_votes(dtype, slots):
+    poses, transforms, _ = case(dtype, 4, slots=slots)
+    votes, shift = cpu_kernels.votes(poses, cpu_kernels.tile_transforms(transforms), None)
+    x = votes - shift  # the centred votes every pass works on
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(x.shape[:-1], generator=g, dtype=dtype)  # (N, L, J, S)
+    lin = torch.randn(*x.shape[:3], 16, generator=g, dtype=dtype)
+    sq = torch.randn(*x.shape[:3], 16, generator=g, dtype=dtype)
+    total, total_sq = cpu_kernels.moments(votes, shift, w)
+    torch.testing.assert_close(total, (w.unsqueeze(-1) * x).sum(-2), **TOL[dtype])
+    torch.testing.assert_close(total_sq, (w.unsqueeze(-1) * x * x).sum(-2), **TOL[dtype])
+    forms = cpu_kernels.row_forms(votes, shift, lin, sq)
+    expected = (x * lin.unsqueeze(-2) + x * x * sq.unsqueeze(-2)).sum(-1)
+    torch.testing.assert_close(forms, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [4, 16])
+@pytest.mark.parametrize("records", [1, 5, 11])  # 11 > the 8 coefficient vectors of one row
+def test_vote_backward_equals_autograd_of_the_votes(dtype, q, records):
+    """dL/dv = x ⊙ Σ_t A_t B_t + Σ_t A_t C_t, mapped to poses, W and the offset."""
+    poses, transforms, offset = case(dtype, q)
+    votes, shift = cpu_kernels.votes(poses, cpu_kernels.tile_transforms(transforms), offset)
+    x = (votes - shift).clone()
+    g = torch.Generator().manual_seed(2)
+    a = [torch.randn(x.shape[:-1], generator=g, dtype=dtype) for _ in range(records)]
+    b = torch.randn(*x.shape[:3], records, 16, generator=g, dtype=dtype)
+    c = torch.randn(*x.shape[:3], records, 16, generator=g, dtype=dtype)
+    stacked = torch.stack(a, dim=-1)  # (N, L, J, S, T)
+    grad_votes = x * (stacked @ b) + stacked @ c
+
+    leaves = [t.clone().requires_grad_(True) for t in (poses, transforms, offset)]
+    plain = compute_votes(leaves[0], leaves[1], 16 // q, q) + leaves[2]
+    expected = torch.autograd.grad(plain, leaves, grad_votes)
+    got = cpu_kernels.vote_backward(
+        poses, cpu_kernels.tile_transforms(transforms), votes, shift, a, b, c, True
+    )
+    for e, r in zip(expected, got, strict=True):
+        torch.testing.assert_close(r, e, **TOL[dtype])
+
+
+def test_kernels_use_every_thread_and_give_the_same_result_on_one():
+    poses, transforms, offset = case(torch.float64, 4, blocks=(3, 7))
+    tiled = cpu_kernels.tile_transforms(transforms)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [t.clone() for t in cpu_kernels.votes(poses, tiled, offset)]
+        torch.set_num_threads(2)
+        two = cpu_kernels.votes(poses, tiled, offset)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A kernel module state with nothing built or loaded yet, caching in tmp_path."""
+    monkeypatch.setenv("EMCAPS_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_failure", None)
+    monkeypatch.setattr(cpu_kernels, "_warned", False)
+    before = cpu_kernels.backend()
+    yield tmp_path
+    cpu_kernels.set_backend(before)
+
+
+def test_build_is_cached_by_source_compiler_and_cpu(fresh_state):
+    cpu_kernels.library()
+    built = list(fresh_state.glob("cpu_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels._library = None
+    cpu_kernels.library()  # loads the cached file, does not rebuild
+    assert built[0].stat().st_mtime_ns == stamp
+    assert not [p for p in fresh_state.iterdir() if p not in built]  # no temp files left
+
+
+def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(
+    fresh_state, monkeypatch, capsys
+):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    x = torch.zeros(1)
+    cpu_kernels.set_backend("c")
+    with pytest.raises(cpu_kernels.KernelsUnavailable, match="no C compiler found"):
+        cpu_kernels.use_c_kernels(x)
+    cpu_kernels.set_backend("auto")
+    assert cpu_kernels.use_c_kernels(x) is False
+    assert cpu_kernels.use_c_kernels(x) is False
+    err = capsys.readouterr().err
+    assert err.count("using the slower PyTorch routing kernels") == 1  # said once, on stderr
+
+
+def test_backend_choice():
+    x = torch.zeros(1)
+    before = cpu_kernels.backend()
+    try:
+        cpu_kernels.set_backend("torch")
+        assert cpu_kernels.use_c_kernels(x) is False
+        cpu_kernels.set_backend("c")
+        assert cpu_kernels.use_c_kernels(x) is True
+        with pytest.raises(cpu_kernels.KernelsUnavailable, match="float32 or float64"):
+            cpu_kernels.use_c_kernels(x.bfloat16())
+        cpu_kernels.set_backend("auto")
+        assert cpu_kernels.use_c_kernels(x) is True
+        assert cpu_kernels.use_c_kernels(x.bfloat16()) is False
+    finally:
+        cpu_kernels.set_backend(before)
+    with pytest.raises(ValueError, match="auto, c, torch"):
+        cpu_kernels.set_backend("cuda")
