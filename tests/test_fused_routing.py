@@ -73,6 +73,7 @@ def test_fused_gradient_when_only_activations_are_used(kernels):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("kernels", ["torch"], indirect=True)  # the C path records nothing
 def test_backward_frees_its_recordings(kernels):
     """No reference cycle survives a backward pass (it once leaked ~80 MB per training step)."""
     import gc
@@ -165,3 +166,25 @@ def test_c_kernels_and_pytorch_path_give_the_same_network(kernels):
     torch.testing.assert_close(o1, o2, atol=1e-12, rtol=0)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("offset", [True, False])
+def test_c_forward_in_float32_agrees_with_the_pytorch_path(exact, offset):
+    """float32 runs the C kernels' own vectorised exp; float64 tests above pin the math."""
+    from emcaps_cli.capsules import cpu_kernels
+
+    inputs, vote_offset, spec = problem("matrix", exact, offset, images=3)
+    inputs = [t.float() for t in inputs]
+    vote_offset = None if vote_offset is None else vote_offset.float()
+    results = []
+    before = cpu_kernels.backend()
+    try:
+        for backend in ("torch", "c"):
+            cpu_kernels.set_backend(backend)
+            results.append(route(*inputs, spec, vote_offset))
+    finally:
+        cpu_kernels.set_backend(before)
+    (p1, a1), (p2, a2) = results
+    torch.testing.assert_close(p2, p1, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(a2, a1, atol=2e-6, rtol=1e-5)

@@ -24,6 +24,7 @@
  */
 #ifndef REAL
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -39,18 +40,22 @@
 
 #define REAL float
 #define IREAL int32_t
+#define REAL_IS_FLOAT 1
 #define NAME(x) x##_f32
 #include __FILE__
 #undef REAL
 #undef IREAL
+#undef REAL_IS_FLOAT
 #undef NAME
 
 #define REAL double
 #define IREAL int64_t
+#define REAL_IS_FLOAT 0
 #define NAME(x) x##_f64
 #include __FILE__
 #undef REAL
 #undef IREAL
+#undef REAL_IS_FLOAT
 #undef NAME
 
 #else
@@ -308,6 +313,493 @@ void NAME(vote_backward)(const REAL *poses, const REAL *tiled, const REAL *votes
         else
             NAME(vote_backward_tile)(poses, tiled, votes, shift, coefs, T, vcoef, constant, B,
                                      S, J, t0, t1, 16, grad_poses, grad_tiled, grad_offset);
+    }
+}
+
+/* exp of 16 lanes. float: Cephes' expf (range reduction by ln 2, degree-6 polynomial; within
+ * 2 ulp of the correctly rounded result on [-87, 88], 0 below -87.3); double: libm, per lane. */
+static inline VEC NAME(vexp)(VEC x)
+{
+#if REAL_IS_FLOAT
+    const IVEC hi = x > 88.3762626647949f, lo = x < -87.3365447504019f; /* lanes -1 or 0 */
+    const VEC top = (VEC){0} + 88.3762626647949f, bottom = (VEC){0} - 87.3365447504019f;
+    x = (VEC)(((IVEC)x & ~hi) | ((IVEC)top & hi));
+    x = (VEC)(((IVEC)x & ~lo) | ((IVEC)bottom & lo));
+    VEC fx = x * 1.44269504088896341f + 0.5f;
+    IVEC n = __builtin_convertvector(fx, IVEC);
+    n += __builtin_convertvector(n, VEC) > fx; /* floor: truncation went up for fx < 0 */
+    const VEC nf = __builtin_convertvector(n, VEC);
+    x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    const VEC z = x * x;
+    VEC y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    const VEC scale = (VEC)((n + 127) << 23);
+    return (VEC)((IVEC)(y * scale) & ~(IVEC)lo);
+#else
+    REAL t[H];
+    memcpy(t, &x, sizeof t);
+    for (int h = 0; h < H; ++h)
+        t[h] = exp(t[h]);
+    return NAME(load)(t);
+#endif
+}
+
+static inline REAL NAME(log_sigmoid)(REAL x)
+{
+    return x < 0 ? x - log1p(exp(x)) : -log1p(exp(-x));
+}
+
+/* Procedure 1 forward for a chunk of N images (see routing.py for the same math in PyTorch ops;
+ * the backward replays that code on the results taped here):
+ *   votes v = pose @ W (+ offset) of B = N·L blocks into `votes` (B, J, S, 16), their mean per
+ *   row into `shift` (B·J, 16); then `iters` M-steps with E-steps between, on x = v − c.
+ * a_in (B, S); beta_u, beta_a (J); lambdas (iters) the inverse temperatures.
+ * child_index (L·S) and parent_count (L·S) for exact routing (children normalised over every
+ * parent that holds them, ids < num_children per image), or NULL: softmax over the J types.
+ * Work buffers: R (B·J, S), var (B·J, 16), slot_a/slot_b (B, S), child_a/child_b (N, C).
+ * Out: poses (B·J, 16) = μ + c, logit (B·J) = λ(β_a − cost).
+ * tape: NULL, or the 4·iters − 2 buffers route_backward reads (T = iters): Σ w x for each
+ * iteration (tape[t], (B·J, 16)), Σ w x² (tape[T + t]), the E-steps' Σ_h x (−2 μ/σ² + x/σ²)
+ * (tape[2T + t], (B·J, S), t < T − 1) and the assignments they give (tape[3T − 1 + t]). */
+void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offset,
+                         const REAL *a_in, const REAL *beta_u, const REAL *beta_a,
+                         const double *lambdas, int64_t iters, const int64_t *child_index,
+                         const REAL *parent_count, int64_t num_children, int64_t N, int64_t L,
+                         int64_t S, int64_t J, int64_t Q, double var_floor, double sum_floor,
+                         REAL *votes, REAL *shift, REAL *R, REAL *var, REAL *slot_a,
+                         REAL *slot_b, REAL *child_a, REAL *child_b, REAL *poses_out,
+                         REAL *logit_out, REAL *const *tape)
+{
+    const int64_t B = N * L, rows = B * J, C = num_children;
+    const REAL log_2pi_half = (REAL)(0.5 * H * log(2.0 * 3.14159265358979323846));
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t g0 = 0; g0 < B; g0 += VOTE_GROUP) {
+            const int64_t g1 = g0 + VOTE_GROUP < B ? g0 + VOTE_GROUP : B;
+            if (Q == 4)
+                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 4, votes, shift);
+            else
+                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 16, votes, shift);
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t l = b % L;
+            for (int64_t j = 0; j < J; ++j)
+                for (int64_t s = 0; s < S; ++s)
+                    R[(b * J + j) * S + s] =
+                        child_index ? (REAL)1 / ((REAL)J * parent_count[l * S + s]) : (REAL)1 / (REAL)J;
+        }
+        for (int64_t t = 0; t < iters; ++t) {
+            const REAL lam = (REAL)lambdas[t];
+            /* M-step, one row (block, parent type) at a time */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r) {
+                const int64_t b = r / J, j = r % J;
+                const REAL *v = votes + r * S * H;
+                const REAL *rr = R + r * S, *ar = a_in + b * S;
+                const VEC c = NAME(load)(shift + r * H);
+                VEC a1 = {0}, a2 = {0};
+                REAL amount = 0;
+                for (int64_t s = 0; s < S; ++s) {
+                    const REAL w = rr[s] * ar[s];
+                    const VEC x = NAME(load)(v + s * H) - c;
+                    const VEC y = w * x;
+                    amount += w;
+                    a1 += y;
+                    a2 += y * x;
+                }
+                if (tape) {
+                    NAME(store)(tape[t] + r * H, a1);
+                    NAME(store)(tape[iters + t] + r * H, a2);
+                }
+                const REAL div = amount > (REAL)sum_floor ? amount : (REAL)sum_floor;
+                REAL m1[H], m2[H], log_sigma = 0;
+                memcpy(m1, &a1, sizeof m1);
+                memcpy(m2, &a2, sizeof m2);
+                for (int h = 0; h < H; ++h) {
+                    const REAL mean = m1[h] / div;
+                    REAL vr = m2[h] / div - mean * mean;
+                    vr = (vr > 0 ? vr : 0) + (REAL)var_floor;
+                    m1[h] = mean;
+                    m2[h] = vr;
+                    log_sigma += (REAL)0.5 * log(vr);
+                }
+                memcpy(poses_out + r * H, m1, sizeof m1); /* centred μ until the end */
+                memcpy(var + r * H, m2, sizeof m2);
+                const REAL cost = amount * ((REAL)H * beta_u[j] + log_sigma);
+                logit_out[r] = lam * (beta_a[j] - cost);
+            }
+            if (t == iters - 1)
+                break;
+            /* E-step: log(a_j p_j) of every (row, slot) into R */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r) {
+                const REAL *v = votes + r * S * H;
+                REAL iv[H], lin[H], constant = 0, log_norm = log_2pi_half;
+                for (int h = 0; h < H; ++h) {
+                    const REAL mean = poses_out[r * H + h], vr = var[r * H + h];
+                    iv[h] = (REAL)1 / vr;
+                    lin[h] = (REAL)-2 * (mean * iv[h]);
+                    constant += mean * mean * iv[h];
+                    log_norm += (REAL)0.5 * log(vr);
+                }
+                const VEC c = NAME(load)(shift + r * H), q = NAME(load)(iv), l = NAME(load)(lin);
+                const REAL base = NAME(log_sigmoid)(logit_out[r]) - log_norm;
+                REAL *out = R + r * S;
+                REAL *taped = tape ? tape[2 * iters + t] + r * S : NULL;
+                int64_t s = 0;
+                for (; s < S; s += 16) {
+                    REAL form[16];
+                    const int64_t n = S - s < 16 ? S - s : 16;
+                    if (n == 16) {
+                        VEC tt[16];
+                        for (int i = 0; i < 16; ++i) {
+                            const VEC x = NAME(load)(v + (s + i) * H) - c;
+                            tt[i] = x * (l + q * x);
+                        }
+                        NAME(store)(form, NAME(hsum16)(tt));
+                    } else {
+                        for (int64_t i = 0; i < n; ++i) {
+                            const VEC x = NAME(load)(v + (s + i) * H) - c;
+                            form[i] = NAME(hsum)(x * (l + q * x));
+                        }
+                    }
+                    for (int64_t i = 0; i < n; ++i) {
+                        if (taped)
+                            taped[s + i] = form[i];
+                        REAL quad = form[i] + constant;
+                        quad = quad > 0 ? quad : 0;
+                        out[s + i] = base - (REAL)0.5 * quad;
+                    }
+                }
+            }
+            /* Normalise: R = a_j p_j / Σ over the child's parents, with a per-child max shift */
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; ++b) {
+                REAL *m = slot_a + b * S;
+                for (int64_t s = 0; s < S; ++s)
+                    m[s] = -INFINITY;
+                for (int64_t j = 0; j < J; ++j) {
+                    const REAL *lg = R + (b * J + j) * S;
+                    for (int64_t s = 0; s < S; ++s)
+                        m[s] = lg[s] > m[s] ? lg[s] : m[s];
+                }
+            }
+            if (child_index) {
+#pragma omp for schedule(static)
+                for (int64_t n = 0; n < N; ++n) {
+                    REAL *cm = child_a + n * C;
+                    for (int64_t i = 0; i < C; ++i)
+                        cm[i] = -INFINITY;
+                    for (int64_t i = 0; i < L * S; ++i) {
+                        const REAL x = slot_a[n * L * S + i];
+                        REAL *d = cm + child_index[i];
+                        *d = x > *d ? x : *d;
+                    }
+                }
+#pragma omp for schedule(static)
+                for (int64_t b = 0; b < B; ++b) {
+                    const int64_t n = b / L, l = b % L;
+                    REAL *m = slot_a + b * S;
+                    for (int64_t s = 0; s < S; ++s)
+                        m[s] = child_a[n * C + child_index[l * S + s]];
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; ++b) {
+                const REAL *m = slot_a + b * S;
+                REAL *sum = slot_b + b * S;
+                memset(sum, 0, sizeof(REAL) * S);
+                for (int64_t j = 0; j < J; ++j) {
+                    REAL *lg = R + (b * J + j) * S;
+                    int64_t s = 0;
+                    for (; s + 16 <= S; s += 16) {
+                        const VEC e = NAME(vexp)(NAME(load)(lg + s) - NAME(load)(m + s));
+                        NAME(store)(lg + s, e);
+                        NAME(store)(sum + s, NAME(load)(sum + s) + e);
+                    }
+                    for (; s < S; ++s) {
+                        const REAL e = exp(lg[s] - m[s]);
+                        lg[s] = e;
+                        sum[s] += e;
+                    }
+                }
+            }
+            if (child_index) {
+#pragma omp for schedule(static)
+                for (int64_t n = 0; n < N; ++n) {
+                    REAL *cs = child_b + n * C;
+                    memset(cs, 0, sizeof(REAL) * C);
+                    for (int64_t i = 0; i < L * S; ++i)
+                        cs[child_index[i]] += slot_b[n * L * S + i];
+                }
+#pragma omp for schedule(static)
+                for (int64_t b = 0; b < B; ++b) {
+                    const int64_t n = b / L, l = b % L;
+                    REAL *sum = slot_b + b * S;
+                    for (int64_t s = 0; s < S; ++s)
+                        sum[s] = child_b[n * C + child_index[l * S + s]];
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; ++b) {
+                const REAL *sum = slot_b + b * S;
+                for (int64_t j = 0; j < J; ++j) {
+                    REAL *e = R + (b * J + j) * S;
+                    for (int64_t s = 0; s < S; ++s)
+                        e[s] /= sum[s];
+                    if (tape)
+                        memcpy(tape[3 * iters - 1 + t] + (b * J + j) * S, e, sizeof(REAL) * S);
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * H; ++i)
+            poses_out[i] += shift[i];
+    }
+}
+
+/* Per-row quantities of an M-step, recomputed from its taped sums: amount A = Σ_s R a,
+ * divisor D, centred μ, σ² before the floor (V'), σ², Σ_h log σ. */
+static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, const REAL *s1,
+                               const REAL *s2, double var_floor, double sum_floor, REAL *amount,
+                               REAL *div, REAL *mean, REAL *vraw, REAL *var, REAL *log_sigma)
+{
+    REAL A = 0;
+    for (int64_t s = 0; s < S; ++s)
+        A += assign[s] * a_in[s];
+    const REAL D = A > (REAL)sum_floor ? A : (REAL)sum_floor;
+    REAL ls = 0;
+    for (int h = 0; h < H; ++h) {
+        mean[h] = s1[h] / D;
+        vraw[h] = s2[h] / D - mean[h] * mean[h];
+        var[h] = (vraw[h] > 0 ? vraw[h] : 0) + (REAL)var_floor;
+        ls += (REAL)0.5 * log(var[h]);
+    }
+    *amount = A;
+    *div = D;
+    *log_sigma = ls;
+}
+
+/* Backward of route_forward for one chunk, by hand (the same derivatives PyTorch's autograd
+ * takes through routing.routing_iterations; the tests hold the two equal in float64).
+ * Recomputes the votes into `votes`/`shift`; reads the forward's tape; g_poses (B·J, 16) and
+ * g_logit (B·J) may be NULL. Writes grad_a (B, S), per-row parts of the β gradients
+ * (grad_bu, grad_ba: (B·J)), and the vote gradient as records for vote_backward: 2T − 1 slot
+ * coefficients coefs[k] (B·J, S) with vcoef/constant (B·J, 2T − 1, 16): M-step t is record t,
+ * E-step t record T + t. Work buffers: rowbuf (B·J, 3·16 + 1), gR (B·J, S), slot (B, S),
+ * child (N, C). */
+void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offset,
+                          const REAL *a_in, const REAL *beta_u, const REAL *beta_a,
+                          const double *lambdas, int64_t iters, const int64_t *child_index,
+                          const REAL *parent_count, int64_t num_children, int64_t N, int64_t L,
+                          int64_t S, int64_t J, int64_t Q, double var_floor, double sum_floor,
+                          const REAL *const *tape, const REAL *g_poses, const REAL *g_logit,
+                          REAL *votes, REAL *shift, REAL *rowbuf, REAL *gR, REAL *slot,
+                          REAL *child, REAL *const *coefs, REAL *vcoef, REAL *constant,
+                          REAL *grad_a, REAL *grad_bu, REAL *grad_ba)
+{
+    const int64_t B = N * L, rows = B * J, C = num_children, T = iters, K = 2 * iters - 1;
+    const int RW = 3 * H + 1; /* rowbuf: g_mu (16), g_var (16), spare (16), g_logit (1) */
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t g0 = 0; g0 < B; g0 += VOTE_GROUP) {
+            const int64_t g1 = g0 + VOTE_GROUP < B ? g0 + VOTE_GROUP : B;
+            if (Q == 4)
+                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 4, votes, shift);
+            else
+                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 16, votes, shift);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            REAL *rb = rowbuf + r * RW;
+            for (int h = 0; h < H; ++h) {
+                rb[h] = g_poses ? g_poses[r * H + h] : 0;
+                rb[H + h] = 0;
+            }
+            rb[3 * H] = g_logit ? g_logit[r] : 0;
+            grad_bu[r] = grad_ba[r] = 0;
+        }
+        for (int64_t t = T - 1; t >= 0; --t) {
+            const REAL lam = (REAL)lambdas[t];
+            /* M-step t: from (g_mu, g_var, g_logit) of its outputs to g of R_t and a */
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; ++b) {
+                const int64_t l = b % L;
+                const REAL *ab = a_in + b * S;
+                REAL *ga = grad_a + b * S;
+                if (t == T - 1)
+                    memset(ga, 0, sizeof(REAL) * S);
+                for (int64_t j = 0; j < J; ++j) {
+                    const int64_t r = b * J + j;
+                    const REAL *assign;
+                    REAL *w = coefs[t] + r * S;
+                    if (t > 0) {
+                        assign = tape[3 * T - 1 + t - 1] + r * S;
+                    } else {
+                        for (int64_t s = 0; s < S; ++s)
+                            w[s] = child_index ? (REAL)1 / ((REAL)J * parent_count[l * S + s])
+                                               : (REAL)1 / (REAL)J;
+                        assign = w; /* R_0, overwritten by w below */
+                    }
+                    REAL A, D, mean[H], vraw[H], var[H], ls;
+                    NAME(m_row)(assign, ab, S, tape[t] + r * H, tape[T + t] + r * H, var_floor,
+                                sum_floor, &A, &D, mean, vraw, var, &ls);
+                    REAL *rb = rowbuf + r * RW;
+                    const REAL gl = rb[3 * H];
+                    const REAL g_cost = -lam * gl;
+                    grad_ba[r] += lam * gl;
+                    REAL gA = g_cost * ((REAL)H * beta_u[j] + ls);
+                    grad_bu[r] += g_cost * (REAL)H * A;
+                    const REAL g_ls = g_cost * A;
+                    REAL gS1[H], gS2[H], gD = 0;
+                    const REAL *s1 = tape[t] + r * H, *s2 = tape[T + t] + r * H;
+                    for (int h = 0; h < H; ++h) {
+                        const REAL gv = rb[H + h] + g_ls * (REAL)0.5 / var[h];
+                        const REAL gvr = vraw[h] >= 0 ? gv : 0;
+                        const REAL gmu = rb[h] - 2 * mean[h] * gvr;
+                        gS2[h] = gvr / D;
+                        gS1[h] = gmu / D;
+                        gD -= (s2[h] * gvr + s1[h] * gmu) / (D * D);
+                    }
+                    if (A >= (REAL)sum_floor)
+                        gA += gD;
+                    for (int h = 0; h < H; ++h) {
+                        vcoef[(r * K + t) * H + h] = 2 * gS2[h];
+                        constant[(r * K + t) * H + h] = gS1[h];
+                    }
+                    /* g_w[s] = Σ_h x (gS1 + gS2 x) + gA; w = R a */
+                    const REAL *v = votes + r * S * H;
+                    const VEC c = NAME(load)(shift + r * H), l1 = NAME(load)(gS1),
+                              q2 = NAME(load)(gS2);
+                    REAL *gr = gR + r * S;
+                    int64_t s = 0;
+                    for (; s < S; s += 16) {
+                        REAL form[16];
+                        const int64_t n = S - s < 16 ? S - s : 16;
+                        if (n == 16) {
+                            VEC tt[16];
+                            for (int i = 0; i < 16; ++i) {
+                                const VEC x = NAME(load)(v + (s + i) * H) - c;
+                                tt[i] = x * (l1 + q2 * x);
+                            }
+                            NAME(store)(form, NAME(hsum16)(tt));
+                        } else {
+                            for (int64_t i = 0; i < n; ++i) {
+                                const VEC x = NAME(load)(v + (s + i) * H) - c;
+                                form[i] = NAME(hsum)(x * (l1 + q2 * x));
+                            }
+                        }
+                        for (int64_t i = 0; i < n; ++i) {
+                            const REAL gw = form[i] + gA, rs = assign[s + i];
+                            gr[s + i] = gw * ab[s + i];
+                            ga[s + i] += gw * rs;
+                            w[s + i] = rs * ab[s + i];
+                        }
+                    }
+                }
+            }
+            if (t == 0)
+                break;
+            /* E-step t − 1: R_t = normalise(ℓ); softmax backward g_ℓ = R (g_R − Σ_parents R g_R) */
+            const REAL *Rt = tape[3 * T - 1 + t - 1];
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; ++b) {
+                REAL *d = slot + b * S;
+                memset(d, 0, sizeof(REAL) * S);
+                for (int64_t j = 0; j < J; ++j) {
+                    const REAL *rr = Rt + (b * J + j) * S, *gg = gR + (b * J + j) * S;
+                    for (int64_t s = 0; s < S; ++s)
+                        d[s] += rr[s] * gg[s];
+                }
+            }
+            if (child_index) {
+#pragma omp for schedule(static)
+                for (int64_t n = 0; n < N; ++n) {
+                    REAL *cs = child + n * C;
+                    memset(cs, 0, sizeof(REAL) * C);
+                    for (int64_t i = 0; i < L * S; ++i)
+                        cs[child_index[i]] += slot[n * L * S + i];
+                }
+#pragma omp for schedule(static)
+                for (int64_t b = 0; b < B; ++b) {
+                    const int64_t n = b / L, l = b % L;
+                    REAL *d = slot + b * S;
+                    for (int64_t s = 0; s < S; ++s)
+                        d[s] = child[n * C + child_index[l * S + s]];
+                }
+            }
+            const REAL lam_prev = (REAL)lambdas[t - 1];
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; ++b) {
+                const REAL *ab = a_in + b * S, *d = slot + b * S;
+                const int64_t l = b % L;
+                for (int64_t j = 0; j < J; ++j) {
+                    const int64_t r = b * J + j;
+                    const REAL *assign_prev;
+                    if (t - 1 > 0) {
+                        assign_prev = tape[3 * T - 1 + t - 2] + r * S;
+                    } else {
+                        REAL *tmp = coefs[T + t - 1] + r * S; /* R_0 here for a moment */
+                        for (int64_t s = 0; s < S; ++s)
+                            tmp[s] = child_index ? (REAL)1 / ((REAL)J * parent_count[l * S + s])
+                                                 : (REAL)1 / (REAL)J;
+                        assign_prev = tmp;
+                    }
+                    REAL A, D, mean[H], vraw[H], var[H], ls;
+                    NAME(m_row)(assign_prev, ab, S, tape[t - 1] + r * H, tape[T + t - 1] + r * H,
+                                var_floor, sum_floor, &A, &D, mean, vraw, var, &ls);
+                    const REAL logit = lam_prev * (beta_a[j] - A * ((REAL)H * beta_u[j] + ls));
+                    REAL iv[H], m[H], Kc = 0;
+                    for (int h = 0; h < H; ++h) {
+                        iv[h] = (REAL)1 / var[h];
+                        m[h] = mean[h] * iv[h];
+                        Kc += mean[h] * mean[h] * iv[h];
+                    }
+                    const REAL *F = tape[2 * T + t - 1] + r * S;
+                    const REAL *rr = Rt + r * S, *gg = gR + r * S;
+                    REAL *gF = coefs[T + t - 1] + r * S;
+                    REAL sum_gl = 0, gK = 0;
+                    for (int64_t s = 0; s < S; ++s) {
+                        const REAL gl = rr[s] * (gg[s] - d[s]);
+                        sum_gl += gl;
+                        const REAL gf = F[s] + Kc >= 0 ? (REAL)-0.5 * gl : 0;
+                        gF[s] = gf;
+                        gK += gf;
+                    }
+                    /* Σ_s gF x, Σ_s gF x² over the votes */
+                    const REAL *v = votes + r * S * H;
+                    const VEC c = NAME(load)(shift + r * H);
+                    VEC p1 = {0}, p2 = {0};
+                    for (int64_t s = 0; s < S; ++s) {
+                        const VEC x = NAME(load)(v + s * H) - c;
+                        const VEC y = gF[s] * x;
+                        p1 += y;
+                        p2 += y * x;
+                    }
+                    REAL P1[H], P2[H];
+                    memcpy(P1, &p1, sizeof P1);
+                    memcpy(P2, &p2, sizeof P2);
+                    REAL *rb = rowbuf + r * RW;
+                    const REAL sig = (REAL)1 / ((REAL)1 + exp(logit)); /* logsigmoid' = σ(−x) */
+                    rb[3 * H] = sum_gl * sig;
+                    for (int h = 0; h < H; ++h) {
+                        const REAL gm = -2 * P1[h];
+                        REAL giv = P2[h] + mean[h] * mean[h] * gK + gm * mean[h];
+                        rb[h] = 2 * mean[h] * iv[h] * gK + gm * iv[h];
+                        rb[H + h] = -sum_gl * (REAL)0.5 / var[h] - giv / (var[h] * var[h]);
+                        vcoef[(r * K + T + t - 1) * H + h] = 2 * iv[h];
+                        constant[(r * K + T + t - 1) * H + h] = -2 * m[h];
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -158,6 +158,12 @@ def _load() -> ctypes.CDLL:
         getattr(lib, f"votes_{suffix}").argtypes = [ptr] * 3 + [i64] * 5 + [ptr] * 2
         getattr(lib, f"moments_{suffix}").argtypes = [ptr] * 3 + [i64] * 3 + [ptr] * 2
         getattr(lib, f"row_forms_{suffix}").argtypes = [ptr] * 4 + [i64] * 3 + [ptr]
+        getattr(lib, f"route_forward_{suffix}").argtypes = (
+            [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 11
+        )
+        getattr(lib, f"route_backward_{suffix}").argtypes = (
+            [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 15
+        )
         getattr(lib, f"vote_backward_{suffix}").argtypes = (
             [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 6 + [ptr] * 3
         )
@@ -214,6 +220,135 @@ def votes(
     fn = _function("votes", poses.dtype)
     _call(fn, n * l, (_ptr(poses), _ptr(tiled), _ptr(offset), s, j, q), (_ptr(out), _ptr(shift)))
     return out, shift
+
+
+def route_forward(
+    child_poses: torch.Tensor,
+    tiled: torch.Tensor,
+    offset: torch.Tensor | None,
+    activations_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lambdas: list[float],
+    child_index: torch.Tensor | None,
+    parent_count: torch.Tensor | None,
+    num_children: int,
+    var_floor: float,
+    sum_floor: float,
+    keep_tape: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+    """Votes and the whole of Procedure 1 for a chunk of images in one call (the math of
+    routing.routing_iterations; see route_forward in the C file).
+
+    child_poses (N, L, S, 16), tiled (S, J, q, 16), offset (S, 16) or None, activations_in
+    (N, L, S), β (J,), lambdas one per iteration; child_index and parent_count (L*S,) for exact
+    routing or None. Returns poses (N, L, J, 16), activation logits (N, L, J) and, if
+    `keep_tape`, what route_backward needs from the forward pass.
+    """
+    n, l, s, h = child_poses.shape
+    j, q = tiled.shape[1], tiled.shape[2]
+    poses = child_poses.contiguous()
+    dtype = poses.dtype
+    offset = None if offset is None else offset.to(dtype).contiguous()
+    a_in = activations_in.to(dtype).contiguous()
+    beta_u, beta_a = beta_u.to(dtype).contiguous(), beta_a.to(dtype).contiguous()
+    if child_index is not None:
+        child_index = child_index.to(torch.int64).contiguous()
+        parent_count = parent_count.to(dtype).contiguous()
+    votes = _workspace(n * l * j * s * h, poses)
+    shift = poses.new_empty(n, l, j, 1, h)
+    assignments = poses.new_empty(n, l, j, s)
+    variance = poses.new_empty(n, l, j, h)
+    slot_a, slot_b = poses.new_empty(n, l, s), poses.new_empty(n, l, s)
+    child_a = poses.new_empty(n, max(num_children, 1))
+    child_b = poses.new_empty(n, max(num_children, 1))
+    out_poses, out_logit = poses.new_empty(n, l, j, h), poses.new_empty(n, l, j)
+    iters = len(lambdas)
+    tape = None
+    if keep_tape:  # Σ w x and Σ w x² per iteration, E-step forms and assignments but the last
+        tape = [poses.new_empty(n, l, j, h) for _ in range(2 * iters)]
+        tape += [poses.new_empty(n, l, j, s) for _ in range(2 * iters - 2)]
+    tape_ptrs = None if tape is None else (ctypes.c_void_p * len(tape))(*[_ptr(t) for t in tape])
+    fn = _function("route_forward", dtype)
+    fn(
+        _ptr(poses), _ptr(tiled), _ptr(offset), _ptr(a_in), _ptr(beta_u), _ptr(beta_a),
+        (ctypes.c_double * iters)(*lambdas), iters, _ptr(child_index), _ptr(parent_count),
+        num_children, n, l, s, j, q, var_floor, sum_floor,
+        _ptr(votes), _ptr(shift), _ptr(assignments), _ptr(variance), _ptr(slot_a),
+        _ptr(slot_b), _ptr(child_a), _ptr(child_b), _ptr(out_poses), _ptr(out_logit), tape_ptrs,
+    )  # fmt: skip
+    return out_poses, out_logit, tape
+
+
+def route_backward(
+    child_poses: torch.Tensor,
+    tiled: torch.Tensor,
+    offset: torch.Tensor | None,
+    activations_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lambdas: list[float],
+    child_index: torch.Tensor | None,
+    parent_count: torch.Tensor | None,
+    num_children: int,
+    var_floor: float,
+    sum_floor: float,
+    tape: list[torch.Tensor],
+    grad_poses: torch.Tensor | None,
+    grad_logit: torch.Tensor | None,
+    need_offset: bool,
+):
+    """Gradients of route_forward from its tape, for one chunk: (poses (N, L, S, 16),
+    transforms (S, J, q, q), activations_in (N, L, S), β_u (J,), β_a (J,), offset (S, 16) or
+    None). Votes are recomputed; the vote gradient goes to vote_backward as records."""
+    n, l, s, h = child_poses.shape
+    j, q = tiled.shape[1], tiled.shape[2]
+    poses = child_poses.contiguous()
+    dtype = poses.dtype
+    offset = None if offset is None else offset.to(dtype).contiguous()
+    a_in = activations_in.to(dtype).contiguous()
+    beta_u, beta_a = beta_u.to(dtype).contiguous(), beta_a.to(dtype).contiguous()
+    if child_index is not None:
+        child_index = child_index.to(torch.int64).contiguous()
+        parent_count = parent_count.to(dtype).contiguous()
+    g_poses = None if grad_poses is None else grad_poses.to(dtype).contiguous()
+    g_logit = None if grad_logit is None else grad_logit.to(dtype).contiguous()
+    iters = len(lambdas)
+    records = 2 * iters - 1
+    votes = _workspace(n * l * j * s * h, poses)
+    shift = poses.new_empty(n, l, j, 1, h)
+    rowbuf = poses.new_empty(n * l * j, 3 * h + 1)
+    grad_assign = poses.new_empty(n, l, j, s)
+    slot = poses.new_empty(n, l, s)
+    child = poses.new_empty(n, max(num_children, 1))
+    coefs = [poses.new_empty(n, l, j, s) for _ in range(records)]
+    v_coefs = poses.new_empty(n, l, j, records, h)
+    constants = poses.new_empty(n, l, j, records, h)
+    grad_a = poses.new_empty(n, l, s)
+    grad_bu_rows, grad_ba_rows = poses.new_empty(n * l, j), poses.new_empty(n * l, j)
+    tape_ptrs = (ctypes.c_void_p * len(tape))(*[_ptr(t) for t in tape])
+    coef_ptrs = (ctypes.c_void_p * records)(*[_ptr(c) for c in coefs])
+    fn = _function("route_backward", dtype)
+    fn(
+        _ptr(poses), _ptr(tiled), _ptr(offset), _ptr(a_in), _ptr(beta_u), _ptr(beta_a),
+        (ctypes.c_double * iters)(*lambdas), iters, _ptr(child_index), _ptr(parent_count),
+        num_children, n, l, s, j, q, var_floor, sum_floor,
+        tape_ptrs, _ptr(g_poses), _ptr(g_logit), _ptr(votes), _ptr(shift), _ptr(rowbuf),
+        _ptr(grad_assign), _ptr(slot), _ptr(child), coef_ptrs, _ptr(v_coefs), _ptr(constants),
+        _ptr(grad_a), _ptr(grad_bu_rows), _ptr(grad_ba_rows),
+    )  # fmt: skip
+    del grad_assign, rowbuf, slot, child
+    grad_child, grad_transforms, grad_offset = vote_backward(
+        poses, tiled, votes.view(n, l, j, s, h), shift, coefs, v_coefs, constants, need_offset
+    )
+    return (
+        grad_child,
+        grad_transforms,
+        grad_a,
+        grad_bu_rows.sum(0),
+        grad_ba_rows.sum(0),
+        grad_offset,
+    )
 
 
 def moments(

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from emcaps_cli.capsules import cpu_kernels
-from emcaps_cli.capsules.routing import ChildMap, VoteOps, routing_iterations
+from emcaps_cli.capsules.routing import (
+    SUM_FLOOR,
+    VAR_FLOOR,
+    ChildMap,
+    VoteOps,
+    inverse_temperatures,
+    routing_iterations,
+)
 from emcaps_cli.capsules.votes import compute_votes, vote_backward, vote_matrix, votes_from_matrix
 
 # Votes per routing chunk (64 MB in fp32): the best of 2^22..2^25 measured on 2 cores (paper and
@@ -188,6 +195,17 @@ class _TorchVotes:
         return VoteOps(centred, centred * centred), shift
 
     @staticmethod
+    def forward(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape):
+        """Votes and routing of one chunk: (poses (n, L, J, H), logits (n, L, J))."""
+        ops, shift = _TorchVotes.ops(child_poses, prepared, vote_offset)
+        if tape is not None:
+            ops = _TapedVoteOps(ops, tape)
+        mean, logit, _ = routing_iterations(
+            ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
+        )
+        return mean + shift.squeeze(3), logit
+
+    @staticmethod
     def backward(child_poses, transforms, prepared, ops, spec, need_offset):
         ops.base.v2 = None  # free before the vote-sized gradient is built
         grad_votes = ops.vote_gradient()  # (n, L, J, S, H)
@@ -211,6 +229,29 @@ class _CVotes:
     def ops(child_poses, prepared, vote_offset):
         votes, shift = cpu_kernels.votes(child_poses, prepared, vote_offset)
         return CVoteOps(votes, shift), shift
+
+    @staticmethod
+    def forward(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape):
+        """The whole chunk in one C call (votes and every iteration of Procedure 1)."""
+        cmap = spec.child_map
+        poses, logit, taped = cpu_kernels.route_forward(
+            child_poses,
+            prepared,
+            vote_offset,
+            activations_in,
+            beta_u,
+            beta_a,
+            inverse_temperatures(spec.iters, spec.final_lambda),
+            None if cmap is None else cmap.index,
+            None if cmap is None else cmap.parent_count,
+            0 if cmap is None else cmap.num_children,
+            VAR_FLOOR,
+            SUM_FLOOR,
+            tape is not None,
+        )
+        if tape is not None:
+            tape.extend(taped)
+        return poses, logit
 
     @staticmethod
     def backward(child_poses, transforms, prepared, ops, spec, need_offset):
@@ -247,16 +288,12 @@ def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSp
 def _forward_chunk(
     child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind, tape
 ):
-    ops, shift = kind.ops(child_poses, prepared, vote_offset)
-    if tape is not None:
-        ops = _TapedVoteOps(ops, tape)
-    mean, logit, _ = routing_iterations(
-        ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
+    return kind.forward(
+        child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape
     )
-    return mean + shift.squeeze(3), logit
 
 
-def _backward_chunk(
+def _torch_backward_chunk(
     child_poses,
     prepared,
     activations_in,
@@ -271,7 +308,10 @@ def _backward_chunk(
     grad_logit,
     need_offset,
 ):
-    """Gradients for one slice of the batch: (poses, transforms, a_in, β_u, β_a, offset)."""
+    """Gradients for one slice of the batch: (poses, transforms, a_in, β_u, β_a, offset).
+
+    Replays the routing loop under autograd with the vote-reading operations recording the
+    vote gradient's coefficients (taking their forward results from the tape)."""
     with torch.no_grad():
         base, _ = kind.ops(child_poses, prepared, vote_offset)
         ops = _RecordingVoteOps(base, tape)
@@ -292,6 +332,43 @@ def _backward_chunk(
             child_poses, transforms, prepared, ops, spec, need_offset
         )
     return (grad_child, grad_transforms, *small_grads, grad_offset)
+
+
+def _c_backward_chunk(
+    child_poses,
+    prepared,
+    activations_in,
+    beta_u,
+    beta_a,
+    vote_offset,
+    spec,
+    kind,
+    tape,
+    transforms,
+    grad_poses,
+    grad_logit,
+    need_offset,
+):
+    """The same gradients from the C kernels' hand-written backward of the whole chunk."""
+    cmap = spec.child_map
+    return cpu_kernels.route_backward(
+        child_poses,
+        prepared,
+        vote_offset,
+        activations_in,
+        beta_u,
+        beta_a,
+        inverse_temperatures(spec.iters, spec.final_lambda),
+        None if cmap is None else cmap.index,
+        None if cmap is None else cmap.parent_count,
+        0 if cmap is None else cmap.num_children,
+        VAR_FLOOR,
+        SUM_FLOOR,
+        tape,
+        grad_poses,
+        grad_logit,
+        need_offset,
+    )
 
 
 def _slice_batch(inputs: tuple, part: slice) -> tuple:
@@ -339,7 +416,8 @@ class _FusedRouting(torch.autograd.Function):
         inputs = (child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind)
         tapes = ctx.tapes
         for part, tape in zip(_chunks(child_poses, transforms, spec), tapes, strict=True):
-            g_child, g_w, g_a, g_bu, g_ba, g_off = _backward_chunk(
+            backward_chunk = _c_backward_chunk if kind is _CVotes else _torch_backward_chunk
+            g_child, g_w, g_a, g_bu, g_ba, g_off = backward_chunk(
                 *_slice_batch(inputs, part),
                 tape,
                 transforms,
