@@ -51,6 +51,7 @@ def measure(args) -> dict:
         layers.route = plain_route  # the naive baseline: plain autograd through every op
     elif args.impl == "whole":
         fused_routing.VOTE_CHUNK_ELEMENTS = 0  # fused, but the whole batch routed at once
+        fused_routing.C_VOTE_CHUNK_ELEMENTS = 0
     device = resolve_device(args.device)
     config = ModelConfig(
         arch=parse_arch(MODELS[args.model]), iters=args.iters, routing=args.routing

@@ -31,12 +31,22 @@
 #define H 16
 #define SLOT_TILE 16
 
-/* Two-input lane shuffle with constant indices (0-15 pick from a, 16-31 from b). */
+/* Lane shuffles with constant indices: of one vector, and of two (16-31 pick from b). */
 #ifdef __clang__
+#define SHUFFLE1(a, ...) __builtin_shufflevector(a, a, __VA_ARGS__)
 #define SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
+#define SHUFFLE1(a, ...) __builtin_shuffle(a, (IVEC){__VA_ARGS__})
 #define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, (IVEC){__VA_ARGS__})
 #endif
+/* For 4x4 matrices stored row-major as 16 lanes (lane 4·row + column):
+ * ROW_SPREAD(r): lane (k, c) <- entry (r, k);  COLUMN(c): lane (r, k) <- entry (r, c);
+ * ROW_TILE(r): lane (k, c) <- entry (r, c). */
+#define ROW_SPREAD(r) 4 * r, 4 * r, 4 * r, 4 * r, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 1, \
+                      4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 3
+#define COLUMN(c) c, c, c, c, 4 + c, 4 + c, 4 + c, 4 + c, 8 + c, 8 + c, 8 + c, 8 + c, 12 + c, 12 + c, 12 + c, 12 + c
+#define ROW_TILE(r) 4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3, 4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3, \
+                    4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3, 4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3
 
 #define REAL float
 #define IREAL int32_t
@@ -293,26 +303,89 @@ static inline __attribute__((always_inline)) void NAME(vote_backward_tile)(
             NAME(store)(grad_offset + (s0 + i) * H, goff[i]);
 }
 
+/* The same for matrix poses (Q = 4), with every product done on whole 4x4 matrices in registers:
+ * dL/dpose (lanes (r, k)) = Σ_j Σ_c COLUMN(c) of g ⊙ wcol[s, j, c] with wcol[.., c][(r, k)] =
+ * W[k][c], and dL/dW (lanes (k, c)) += Σ_r ROW_SPREAD(r) of the pose ⊙ ROW_TILE(r) of g. */
+static inline void NAME(vote_backward_tile4)(
+    const REAL *poses, const REAL *wcol, const REAL *votes, const REAL *shift,
+    const REAL *const *coefs, int64_t T, const REAL *vcoef, const REAL *constant, int64_t B,
+    int64_t S, int64_t J, int64_t s0, int64_t s1, REAL *grad_poses, REAL *grad_w,
+    REAL *grad_offset)
+{
+    VEC pr[SLOT_TILE][4];
+    VEC gp[SLOT_TILE];
+    VEC goff[SLOT_TILE];
+    VEC bv[T], cv[T];
+    const int64_t n = s1 - s0;
+    for (int64_t i = 0; i < n; ++i)
+        goff[i] = (VEC){0};
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < n; ++i) {
+            const VEC p = NAME(load)(poses + (b * S + s0 + i) * H);
+            pr[i][0] = SHUFFLE1(p, ROW_SPREAD(0));
+            pr[i][1] = SHUFFLE1(p, ROW_SPREAD(1));
+            pr[i][2] = SHUFFLE1(p, ROW_SPREAD(2));
+            pr[i][3] = SHUFFLE1(p, ROW_SPREAD(3));
+            gp[i] = (VEC){0};
+        }
+        for (int64_t j = 0; j < J; ++j) {
+            const int64_t row = b * J + j;
+            const VEC c = NAME(load)(shift + row * H);
+            for (int64_t t = 0; t < T; ++t) {
+                bv[t] = NAME(load)(vcoef + (row * T + t) * H);
+                cv[t] = NAME(load)(constant + (row * T + t) * H);
+            }
+            for (int64_t i = 0; i < n; ++i) {
+                const int64_t s = s0 + i;
+                VEC mul = {0}, add = {0};
+                for (int64_t t = 0; t < T; ++t) {
+                    const REAL a = coefs[t][row * S + s];
+                    mul += a * bv[t];
+                    add += a * cv[t];
+                }
+                const VEC g = (NAME(load)(votes + (row * S + s) * H) - c) * mul + add;
+                const REAL *wc = wcol + (s * J + j) * 4 * H;
+                gp[i] += SHUFFLE1(g, COLUMN(0)) * NAME(load)(wc) +
+                         SHUFFLE1(g, COLUMN(1)) * NAME(load)(wc + H) +
+                         SHUFFLE1(g, COLUMN(2)) * NAME(load)(wc + 2 * H) +
+                         SHUFFLE1(g, COLUMN(3)) * NAME(load)(wc + 3 * H);
+                REAL *dw = grad_w + (s * J + j) * H;
+                NAME(store)(dw, NAME(load)(dw) + pr[i][0] * SHUFFLE1(g, ROW_TILE(0)) +
+                                    pr[i][1] * SHUFFLE1(g, ROW_TILE(1)) +
+                                    pr[i][2] * SHUFFLE1(g, ROW_TILE(2)) +
+                                    pr[i][3] * SHUFFLE1(g, ROW_TILE(3)));
+                goff[i] += g;
+            }
+        }
+        for (int64_t i = 0; i < n; ++i)
+            NAME(store)(grad_poses + (b * S + s0 + i) * H, gp[i]);
+    }
+    if (grad_offset)
+        for (int64_t i = 0; i < n; ++i)
+            NAME(store)(grad_offset + (s0 + i) * H, goff[i]);
+}
+
 /* Backward of votes + routing for slots [s0, s1) of all B blocks. The vote gradient is
  * assembled from the T recorded coefficients (coefs[t] (B*J, S), vcoef and constant
- * (B*J, T, 16)) and never stored: it goes straight into grad_poses (B, S, 16), grad_tiled
- * (S, J, Q, 16; zero it first) and grad_offset (S, 16; may be NULL).
+ * (B*J, T, 16)) and never stored: it goes straight into grad_poses (B, S, 16), grad_w
+ * (S, J, Q, Q; zero it first) and grad_offset (S, 16; may be NULL). `wmat` is the tiled W for
+ * vector poses (Q = 16, where tiled = W) and the column-spread wcol for matrix poses.
  * Slots are taken in tiles so that the coefficient rows are read a cache line at a time. */
-void NAME(vote_backward)(const REAL *poses, const REAL *tiled, const REAL *votes,
+void NAME(vote_backward)(const REAL *poses, const REAL *wmat, const REAL *votes,
                          const REAL *shift, const REAL *const *coefs, int64_t T,
                          const REAL *vcoef, const REAL *constant, int64_t B, int64_t S,
                          int64_t J, int64_t Q, int64_t s0, int64_t s1, REAL *grad_poses,
-                         REAL *grad_tiled, REAL *grad_offset)
+                         REAL *grad_w, REAL *grad_offset)
 {
 #pragma omp parallel for schedule(static)
     for (int64_t t0 = s0; t0 < s1; t0 += SLOT_TILE) {
         const int64_t t1 = t0 + SLOT_TILE < s1 ? t0 + SLOT_TILE : s1;
         if (Q == 4)
-            NAME(vote_backward_tile)(poses, tiled, votes, shift, coefs, T, vcoef, constant, B,
-                                     S, J, t0, t1, 4, grad_poses, grad_tiled, grad_offset);
+            NAME(vote_backward_tile4)(poses, wmat, votes, shift, coefs, T, vcoef, constant, B,
+                                      S, J, t0, t1, grad_poses, grad_w, grad_offset);
         else
-            NAME(vote_backward_tile)(poses, tiled, votes, shift, coefs, T, vcoef, constant, B,
-                                     S, J, t0, t1, 16, grad_poses, grad_tiled, grad_offset);
+            NAME(vote_backward_tile)(poses, wmat, votes, shift, coefs, T, vcoef, constant, B,
+                                     S, J, t0, t1, 16, grad_poses, grad_w, grad_offset);
     }
 }
 

@@ -113,7 +113,8 @@ def _build(compiler: str, target: Path) -> None:
         cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
+            lines = result.stderr.strip().splitlines() or ["no output"]
+            first = next((ln for ln in lines if "error" in ln), lines[0])
             raise KernelsUnavailable(f"{compiler} failed to build {SOURCE.name}: {first}")
         os.replace(tmp, target)  # atomic: a concurrent reader sees the old file or the new one
     finally:
@@ -401,16 +402,21 @@ def vote_backward(
     n, l, s, h = child_poses.shape
     j, q = tiled.shape[1], tiled.shape[2]
     poses = child_poses.contiguous()
+    if q == 4:  # wcol[s, j, c, (r, k)] = W[s, j, k, c]: W's column c spread over the rows r
+        w = tiled[..., :q]  # (S, J, 4, 4)
+        wmat = w.transpose(-1, -2).unsqueeze(-2).expand(s, j, q, q, q).reshape(s, j, q, h)
+        wmat = wmat.contiguous()
+    else:
+        wmat = tiled  # vector poses: tiled is W itself
     coefs = [c.to(votes.dtype).contiguous() for c in slot_coefs]
     pointers = (ctypes.c_void_p * len(coefs))(*[c.data_ptr() for c in coefs])
     v_coefs = v_coefs.to(votes.dtype).contiguous()
     constants = constants.to(votes.dtype).contiguous()
     grad_poses = poses.new_empty(n, l, s, h)
-    grad_tiled = poses.new_zeros(tiled.shape)
+    grad_transforms = poses.new_zeros(s, j, q, q)
     grad_offset = poses.new_zeros(s, h) if need_offset else None
     fn = _function("vote_backward", votes.dtype)
-    head = (_ptr(poses), _ptr(tiled), _ptr(votes), _ptr(shift), pointers, len(coefs))
+    head = (_ptr(poses), _ptr(wmat), _ptr(votes), _ptr(shift), pointers, len(coefs))
     head += (_ptr(v_coefs), _ptr(constants), n * l, s, j, q)
-    _call(fn, s, head, (_ptr(grad_poses), _ptr(grad_tiled), _ptr(grad_offset)))
-    grad_transforms = grad_tiled.view(s, j, q, h // q, q).sum(3)  # fold the tiled copies
+    _call(fn, s, head, (_ptr(grad_poses), _ptr(grad_transforms), _ptr(grad_offset)))
     return grad_poses, grad_transforms, grad_offset

@@ -39,6 +39,9 @@ from emcaps_cli.capsules.votes import compute_votes, vote_backward, vote_matrix,
 # Votes per routing chunk (64 MB in fp32): the best of 2^22..2^25 measured on 2 cores (paper and
 # small model, batch 32; docs/performance.md, "Routing the batch in chunks").
 VOTE_CHUNK_ELEMENTS = 2**24
+# The C kernels keep a chunk's votes (fp32: 16 MB) in the last-level cache across the routing
+# passes: 2^22 measured best on the 2-core machines here (32 MB L3; docs/performance.md).
+C_VOTE_CHUNK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class RoutingSpec:
     rows: int
     row_len: int
     # Route as many images at a time as keep one chunk's vote tensor within this many elements
-    # (at least one image; 0 routes the whole batch at once; None: VOTE_CHUNK_ELEMENTS).
+    # (at least one image; 0 routes the whole batch at once; None: VOTE_CHUNK_ELEMENTS, or
+    # C_VOTE_CHUNK_ELEMENTS on the C kernels).
     chunk_elements: int | None = None
 
 
@@ -272,12 +276,15 @@ def _centred_votes(child_poses, matrix, vote_offset):
     return votes, shift
 
 
-def _chunks(child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSpec) -> list[slice]:
+def _chunks(
+    child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSpec, on_c: bool = False
+) -> list[slice]:
     """Slices of the batch routed one after another (routing is independent per image), each
     with at most `chunk_elements` vote entries (but at least one image), as even as possible.
     Peak memory then no longer grows with the batch."""
     n, l, s, h = child_poses.shape
-    budget = VOTE_CHUNK_ELEMENTS if spec.chunk_elements is None else spec.chunk_elements
+    default = C_VOTE_CHUNK_ELEMENTS if on_c else VOTE_CHUNK_ELEMENTS
+    budget = default if spec.chunk_elements is None else spec.chunk_elements
     per_image = l * s * transforms.shape[1] * h
     largest = n if budget == 0 else max(1, min(n, budget // per_image))
     count = -(-n // largest)
@@ -394,7 +401,7 @@ class _FusedRouting(torch.autograd.Function):
         # 2 x (N, L, J, H) per M-step, against re-reading the votes 5 times (3 iterations).
         keep = any(ctx.needs_input_grad[:6])
         means, logits, tapes = [], [], []
-        for part in _chunks(child_poses, transforms, spec):
+        for part in _chunks(child_poses, transforms, spec, kind is _CVotes):
             tape = [] if keep else None
             mean, logit = _forward_chunk(*_slice_batch(inputs, part), tape)
             means.append(mean)
@@ -415,7 +422,8 @@ class _FusedRouting(torch.autograd.Function):
         prepared = kind.prepare(transforms, spec)  # once for all chunks
         inputs = (child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind)
         tapes = ctx.tapes
-        for part, tape in zip(_chunks(child_poses, transforms, spec), tapes, strict=True):
+        parts = _chunks(child_poses, transforms, spec, kind is _CVotes)
+        for part, tape in zip(parts, tapes, strict=True):
             backward_chunk = _c_backward_chunk if kind is _CVotes else _torch_backward_chunk
             g_child, g_w, g_a, g_bu, g_ba, g_off = backward_chunk(
                 *_slice_batch(inputs, part),
