@@ -158,3 +158,23 @@ def test_backend_choice():
         cpu_kernels.set_backend(before)
     with pytest.raises(ValueError, match="auto, c, torch"):
         cpu_kernels.set_backend("cuda")
+
+
+def test_vectorised_exp_is_within_one_ulp_and_keeps_the_edge_cases():
+    """float32 E-step normalisation uses the kernels' own exp: measured against exp in float64."""
+    x = torch.linspace(-87.3, 88.3, 16 * 20_000, dtype=torch.float32)
+    got = cpu_kernels.exp_lanes(x).double()
+    exact = torch.exp(x.double())
+    rounded = exact.float()
+    ulp = (torch.nextafter(rounded, torch.tensor(float("inf"))) - rounded).double()
+    assert ((got - exact).abs() / ulp).max() <= 1.01
+    edge = torch.tensor(
+        [0.0, float("-inf"), -1e30, -90.0, float("nan"), 1.0, -1.0, 2.0] * 2, dtype=torch.float32
+    )
+    out = cpu_kernels.exp_lanes(edge)
+    assert out[0] == 1.0 and out[1] == 0.0 and out[2] == 0.0 and out[3] == 0.0
+    assert torch.isnan(out[4])  # a NaN upstream must not turn into a finite number here
+    torch.testing.assert_close(out[5:8], torch.exp(edge[5:8]), atol=0, rtol=2e-7)
+    torch.testing.assert_close(
+        cpu_kernels.exp_lanes(x.double()), torch.exp(x.double()), atol=0, rtol=1e-15
+    )

@@ -188,3 +188,18 @@ def test_c_forward_in_float32_agrees_with_the_pytorch_path(exact, offset):
     (p1, a1), (p2, a2) = results
     torch.testing.assert_close(p2, p1, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(a2, a1, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["poses", "activations"])
+def test_a_nan_input_reaches_both_outputs(kernels, where):
+    """No clamp or max may turn a NaN into a finite number (the NaN guard of training relies
+    on NaN reaching the loss)."""
+    inputs, vote_offset, spec = problem("matrix", True, True)
+    inputs = [t.clone() for t in inputs]
+    if where == "poses":
+        inputs[0][0, 0, 0, 5] = float("nan")
+    else:
+        inputs[2][0, 0, 0] = float("nan")
+    poses, acts = route(*inputs, spec, vote_offset)
+    assert torch.isnan(poses[0]).any() and torch.isnan(acts[0]).any()
+    assert torch.isfinite(poses[1]).all() and torch.isfinite(acts[1]).all()  # other image

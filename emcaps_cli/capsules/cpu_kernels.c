@@ -389,11 +389,14 @@ void NAME(vote_backward)(const REAL *poses, const REAL *wmat, const REAL *votes,
     }
 }
 
-/* exp of 16 lanes. float: Cephes' expf (range reduction by ln 2, degree-6 polynomial; within
- * 2 ulp of the correctly rounded result on [-87, 88], 0 below -87.3); double: libm, per lane. */
+/* exp of 16 lanes. float: Cephes' expf (range reduction by ln 2, degree-6 polynomial): within
+ * 1.0 ulp of exp on [-87.3, 88.3] (measured, tests/test_cpu_kernels.py), 0 below -87.34 where
+ * libm returns subnormals, NaN stays NaN; the routing only takes exp of arguments <= 0.
+ * double: libm, lane by lane. */
 static inline VEC NAME(vexp)(VEC x)
 {
 #if REAL_IS_FLOAT
+    const VEC in = x;
     const IVEC hi = x > 88.3762626647949f, lo = x < -87.3365447504019f; /* lanes -1 or 0 */
     const VEC top = (VEC){0} + 88.3762626647949f, bottom = (VEC){0} - 87.3365447504019f;
     x = (VEC)(((IVEC)x & ~hi) | ((IVEC)top & hi));
@@ -411,7 +414,8 @@ static inline VEC NAME(vexp)(VEC x)
     y = y * x + 5.0000001201e-1f;
     y = y * z + x + 1.0f;
     const VEC scale = (VEC)((n + 127) << 23);
-    return (VEC)((IVEC)(y * scale) & ~(IVEC)lo);
+    const IVEC nan = in != in;
+    return (VEC)(((IVEC)(y * scale) & ~lo & ~nan) | ((IVEC)in & nan));
 #else
     REAL t[H];
     memcpy(t, &x, sizeof t);
@@ -419,6 +423,13 @@ static inline VEC NAME(vexp)(VEC x)
         t[h] = exp(t[h]);
     return NAME(load)(t);
 #endif
+}
+
+/* vexp over n entries (n a multiple of 16): exported for the tests of its accuracy. */
+void NAME(exp_lanes)(const REAL *x, int64_t n, REAL *out)
+{
+    for (int64_t i = 0; i + H <= n; i += H)
+        NAME(store)(out + i, NAME(vexp)(NAME(load)(x + i)));
 }
 
 static inline REAL NAME(log_sigmoid)(REAL x)
@@ -435,6 +446,8 @@ static inline REAL NAME(log_sigmoid)(REAL x)
  * parent that holds them, ids < num_children per image), or NULL: softmax over the J types.
  * Work buffers: R (B·J, S), var (B·J, 16), slot_a/slot_b (B, S), child_a/child_b (N, C).
  * Out: poses (B·J, 16) = μ + c, logit (B·J) = λ(β_a − cost).
+ * Clamps are written so that NaN passes through them (as in PyTorch's clamp_min): a NaN in the
+ * input must reach the outputs, where the training loop's NaN guard sees it.
  * tape: NULL, or the 4·iters − 2 buffers route_backward reads (T = iters): Σ w x for each
  * iteration (tape[t], (B·J, 16)), Σ w x² (tape[T + t]), the E-steps' Σ_h x (−2 μ/σ² + x/σ²)
  * (tape[2T + t], (B·J, S), t < T − 1) and the assignments they give (tape[3T − 1 + t]). */
@@ -490,14 +503,14 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                     NAME(store)(tape[t] + r * H, a1);
                     NAME(store)(tape[iters + t] + r * H, a2);
                 }
-                const REAL div = amount > (REAL)sum_floor ? amount : (REAL)sum_floor;
+                const REAL div = amount < (REAL)sum_floor ? (REAL)sum_floor : amount; /* NaN stays */
                 REAL m1[H], m2[H], log_sigma = 0;
                 memcpy(m1, &a1, sizeof m1);
                 memcpy(m2, &a2, sizeof m2);
                 for (int h = 0; h < H; ++h) {
                     const REAL mean = m1[h] / div;
                     REAL vr = m2[h] / div - mean * mean;
-                    vr = (vr > 0 ? vr : 0) + (REAL)var_floor;
+                    vr = (vr < 0 ? 0 : vr) + (REAL)var_floor;
                     m1[h] = mean;
                     m2[h] = vr;
                     log_sigma += (REAL)0.5 * log(vr);
@@ -546,7 +559,7 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                         if (taped)
                             taped[s + i] = form[i];
                         REAL quad = form[i] + constant;
-                        quad = quad > 0 ? quad : 0;
+                        quad = quad < 0 ? 0 : quad;
                         out[s + i] = base - (REAL)0.5 * quad;
                     }
                 }
@@ -646,12 +659,12 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
     REAL A = 0;
     for (int64_t s = 0; s < S; ++s)
         A += assign[s] * a_in[s];
-    const REAL D = A > (REAL)sum_floor ? A : (REAL)sum_floor;
+    const REAL D = A < (REAL)sum_floor ? (REAL)sum_floor : A;
     REAL ls = 0;
     for (int h = 0; h < H; ++h) {
         mean[h] = s1[h] / D;
         vraw[h] = s2[h] / D - mean[h] * mean[h];
-        var[h] = (vraw[h] > 0 ? vraw[h] : 0) + (REAL)var_floor;
+        var[h] = (vraw[h] < 0 ? 0 : vraw[h]) + (REAL)var_floor;
         ls += (REAL)0.5 * log(var[h]);
     }
     *amount = A;

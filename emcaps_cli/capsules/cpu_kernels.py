@@ -162,6 +162,7 @@ def _load() -> ctypes.CDLL:
         getattr(lib, f"route_forward_{suffix}").argtypes = (
             [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 11
         )
+        getattr(lib, f"exp_lanes_{suffix}").argtypes = [ptr, i64, ptr]
         getattr(lib, f"route_backward_{suffix}").argtypes = (
             [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 15
         )
@@ -279,6 +280,15 @@ def route_forward(
         _ptr(slot_b), _ptr(child_a), _ptr(child_b), _ptr(out_poses), _ptr(out_logit), tape_ptrs,
     )  # fmt: skip
     return out_poses, out_logit, tape
+
+
+def exp_lanes(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' vectorised exp (used in the E-step's normalisation), for the tests:
+    x (n,) with n a multiple of 16."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _function("exp_lanes", x.dtype)(_ptr(x), x.numel(), _ptr(out))
+    return out
 
 
 def route_backward(
