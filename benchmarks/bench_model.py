@@ -45,6 +45,9 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.allocator == "tuned":
         keep_freed_memory()  # as the emcaps command does
+    if args.chunk_elements is not None:  # both paths' chunk budget (votes per routing chunk)
+        fused_routing.VOTE_CHUNK_ELEMENTS = args.chunk_elements
+        fused_routing.C_VOTE_CHUNK_ELEMENTS = args.chunk_elements
     if args.impl == "torch":
         cpu_kernels.set_backend("torch")  # the fused function on PyTorch ops only
     if args.impl == "plain":
@@ -105,6 +108,7 @@ def measure(args) -> dict:
         "device": str(device),
         "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "allocator": args.allocator,
+        "chunk_elements": args.chunk_elements,
     }
 
 
@@ -179,6 +183,12 @@ def main() -> None:
         help="tuned: glibc keeps freed memory for reuse, as the emcaps command sets it "
         "(emcaps_cli/allocator.py); default: glibc's defaults",
     )
+    p.add_argument(
+        "--chunk-elements",
+        type=int,
+        help="votes per routing chunk for every path (default: the library's, 2^22 on the C "
+        "kernels, 2^24 on PyTorch ops)",
+    )
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -226,6 +236,8 @@ def main() -> None:
                             "--allocator",
                             args.allocator,
                         ]
+                        if args.chunk_elements is not None:
+                            cmd += ["--chunk-elements", str(args.chunk_elements)]
                         out = subprocess.run(cmd, capture_output=True, text=True)
                         if out.returncode != 0:
                             row = {
