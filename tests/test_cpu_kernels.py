@@ -45,49 +45,6 @@ def test_votes_are_pose_times_transform_plus_offset_and_their_mean(dtype, q, wit
     torch.testing.assert_close(shift, expected.mean(dim=3, keepdim=True), **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("slots", [37, 48, 5])  # tails of the 16-slot tiles, and none
-def test_moments_and_row_forms_on_centred_votes(dtype, slots):
-    poses, transforms, _ = case(dtype, 4, slots=slots)
-    votes, shift = cpu_kernels.votes(poses, cpu_kernels.tile_transforms(transforms), None)
-    x = votes - shift  # the centred votes every pass works on
-    g = torch.Generator().manual_seed(1)
-    w = torch.rand(x.shape[:-1], generator=g, dtype=dtype)  # (N, L, J, S)
-    lin = torch.randn(*x.shape[:3], 16, generator=g, dtype=dtype)
-    sq = torch.randn(*x.shape[:3], 16, generator=g, dtype=dtype)
-    total, total_sq = cpu_kernels.moments(votes, shift, w)
-    torch.testing.assert_close(total, (w.unsqueeze(-1) * x).sum(-2), **TOL[dtype])
-    torch.testing.assert_close(total_sq, (w.unsqueeze(-1) * x * x).sum(-2), **TOL[dtype])
-    forms = cpu_kernels.row_forms(votes, shift, lin, sq)
-    expected = (x * lin.unsqueeze(-2) + x * x * sq.unsqueeze(-2)).sum(-1)
-    torch.testing.assert_close(forms, expected, **TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q", [4, 16])
-@pytest.mark.parametrize("records", [1, 5, 11])  # 11 > the 8 coefficient vectors of one row
-def test_vote_backward_equals_autograd_of_the_votes(dtype, q, records):
-    """dL/dv = x ⊙ Σ_t A_t B_t + Σ_t A_t C_t, mapped to poses, W and the offset."""
-    poses, transforms, offset = case(dtype, q)
-    votes, shift = cpu_kernels.votes(poses, cpu_kernels.tile_transforms(transforms), offset)
-    x = (votes - shift).clone()
-    g = torch.Generator().manual_seed(2)
-    a = [torch.randn(x.shape[:-1], generator=g, dtype=dtype) for _ in range(records)]
-    b = torch.randn(*x.shape[:3], records, 16, generator=g, dtype=dtype)
-    c = torch.randn(*x.shape[:3], records, 16, generator=g, dtype=dtype)
-    stacked = torch.stack(a, dim=-1)  # (N, L, J, S, T)
-    grad_votes = x * (stacked @ b) + stacked @ c
-
-    leaves = [t.clone().requires_grad_(True) for t in (poses, transforms, offset)]
-    plain = compute_votes(leaves[0], leaves[1], 16 // q, q) + leaves[2]
-    expected = torch.autograd.grad(plain, leaves, grad_votes)
-    got = cpu_kernels.vote_backward(
-        poses, cpu_kernels.tile_transforms(transforms), votes, shift, a, b, c, True
-    )
-    for e, r in zip(expected, got, strict=True):
-        torch.testing.assert_close(r, e, **TOL[dtype])
-
-
 def test_kernels_use_every_thread_and_give_the_same_result_on_one():
     poses, transforms, offset = case(torch.float64, 4, blocks=(3, 7))
     tiled = cpu_kernels.tile_transforms(transforms)
@@ -178,3 +135,33 @@ def test_vectorised_exp_is_within_one_ulp_and_keeps_the_edge_cases():
     torch.testing.assert_close(
         cpu_kernels.exp_lanes(x.double()), torch.exp(x.double()), atol=0, rtol=1e-15
     )
+
+
+def test_routing_gradients_agree_on_one_and_two_threads():
+    """route_backward keeps per-thread copies of dL/dW; their sum must not depend on the count."""
+    from emcaps_cli.capsules.fused_routing import RoutingSpec, route
+    from emcaps_cli.capsules.geometry import conv_child_map
+
+    g = torch.Generator().manual_seed(3)
+    d = torch.float64
+    poses = torch.randn(2, 4, 18, 16, generator=g, dtype=d)
+    transforms = torch.randn(18, 3, 4, 4, generator=g, dtype=d) / 2
+    acts = torch.rand(2, 4, 18, generator=g, dtype=d)
+    beta = torch.zeros(3, dtype=d)
+    spec = RoutingSpec(3, 0.5, conv_child_map(4, 4, 3, 1, 2), 4, 4)
+    grads = []
+    threads = torch.get_num_threads()
+    before = cpu_kernels.backend()
+    try:
+        cpu_kernels.set_backend("c")
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_(True) for t in (poses, transforms, acts)]
+            out, act = route(*leaves, beta, beta, spec)
+            (out.square().sum() + act.sum()).backward()
+            grads.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels.set_backend(before)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

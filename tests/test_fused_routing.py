@@ -203,3 +203,19 @@ def test_a_nan_input_reaches_both_outputs(kernels, where):
     poses, acts = route(*inputs, spec, vote_offset)
     assert torch.isnan(poses[0]).any() and torch.isnan(acts[0]).any()
     assert torch.isfinite(poses[1]).all() and torch.isfinite(acts[1]).all()  # other image
+
+
+@pytest.mark.parametrize("iters", [1, 6])  # 6 iterations: 11 vote-gradient records
+def test_fused_equals_plain_autograd_for_other_iteration_counts(kernels, iters):
+    inputs, vote_offset, spec = problem("matrix", True, True)
+    spec = RoutingSpec(iters, 0.5, spec.child_map, spec.rows, spec.row_len)
+    a = [t.clone().requires_grad_(True) for t in inputs]
+    b = [t.clone().requires_grad_(True) for t in inputs]
+    p1, a1 = route(*a, spec, vote_offset)
+    p2, a2 = plain_route(*b, spec, vote_offset)
+    torch.testing.assert_close(p1, p2, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a1, a2, atol=1e-10, rtol=0)
+    ((p1 * p1).sum() + a1.sum()).backward()
+    ((p2 * p2).sum() + a2.sum()).backward()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)

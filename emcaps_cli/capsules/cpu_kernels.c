@@ -1,10 +1,12 @@
 /* CPU kernels for the vote-sized work of EM routing (see cpu_kernels.py, which compiles this
  * file with the system C compiler and calls it through ctypes).
  *
- * Every kernel reads the votes once and keeps a routing problem's working set in cache; the
- * PyTorch path needs separate passes (and a stored v²) for the same quantities. The kernels
- * cover one range of their outer loop and split it over OpenMP threads: PyTorch's own
- * OpenMP runtime (same soname, already loaded), so they share its thread pool and thread count.
+ * route_forward computes a chunk's votes and runs every iteration of Procedure 1 on them;
+ * route_backward is its hand-written backward, down to the gradients of the poses and W. Each
+ * routing pass reads a vote once (v² formed on the fly) while the chunk's votes sit in cache;
+ * the PyTorch path needs separate passes and a stored v² for the same quantities. Loops are
+ * split over OpenMP threads of PyTorch's own OpenMP runtime (same soname, already loaded), so
+ * the kernels share its thread pool and thread count.
  *
  * Layouts (all C-contiguous, H = 16 pose entries):
  *   poses  (B, S, 16)       child pose in slot s of block b = (image, parent position)
@@ -25,11 +27,11 @@
 #ifndef REAL
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
 #define H 16
-#define SLOT_TILE 16
 
 /* Lane shuffles with constant indices: of one vector, and of two (16-31 pick from b). */
 #ifdef __clang__
@@ -178,217 +180,6 @@ void NAME(votes)(const REAL *poses, const REAL *tiled, const REAL *offset, int64
     }
 }
 
-/* M-step moments of rows [r0, r1) on the centred votes x = v − c:
- * sum[r] = Σ_s w[r, s] x[r, s], sumsq[r] = Σ_s w[r, s] x[r, s]². */
-void NAME(moments)(const REAL *votes, const REAL *shift, const REAL *w, int64_t S, int64_t r0,
-                   int64_t r1, REAL *sum, REAL *sumsq)
-{
-#pragma omp parallel for schedule(static)
-    for (int64_t r = r0; r < r1; ++r) {
-        const REAL *v = votes + r * S * H;
-        const REAL *wr = w + r * S;
-        const VEC c = NAME(load)(shift + r * H);
-        VEC a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};
-        int64_t s = 0;
-        for (; s + 1 < S; s += 2) {
-            const VEC x0 = NAME(load)(v + s * H) - c;
-            const VEC x1 = NAME(load)(v + (s + 1) * H) - c;
-            const VEC y0 = wr[s] * x0, y1 = wr[s + 1] * x1;
-            a1 += y0;
-            a2 += y0 * x0;
-            b1 += y1;
-            b2 += y1 * x1;
-        }
-        if (s < S) {
-            const VEC x0 = NAME(load)(v + s * H) - c;
-            const VEC y0 = wr[s] * x0;
-            a1 += y0;
-            a2 += y0 * x0;
-        }
-        NAME(store)(sum + r * H, a1 + b1);
-        NAME(store)(sumsq + r * H, a2 + b2);
-    }
-}
-
-/* out[r, s] = Σ_h x (lin[r] + sq[r] x) with x = v[r, s] − c[r], for rows [r0, r1): the E-step's
- * quadratic form (lin = −2μ/σ², sq = 1/σ²) and the moments' backward. */
-void NAME(row_forms)(const REAL *votes, const REAL *shift, const REAL *lin, const REAL *sq,
-                     int64_t S, int64_t r0, int64_t r1, REAL *out)
-{
-#pragma omp parallel for schedule(static)
-    for (int64_t r = r0; r < r1; ++r) {
-        const REAL *v = votes + r * S * H;
-        const VEC c = NAME(load)(shift + r * H);
-        const VEC l = NAME(load)(lin + r * H);
-        const VEC q = NAME(load)(sq + r * H);
-        REAL *o = out + r * S;
-        int64_t s = 0;
-        for (; s + 16 <= S; s += 16) {
-            VEC t[16];
-            for (int i = 0; i < 16; ++i) {
-                const VEC x = NAME(load)(v + (s + i) * H) - c;
-                t[i] = x * (l + q * x);
-            }
-            NAME(store)(o + s, NAME(hsum16)(t));
-        }
-        for (; s < S; ++s) {
-            const VEC x = NAME(load)(v + s * H) - c;
-            o[s] = NAME(hsum)(x * (l + q * x));
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void NAME(vote_backward_tile)(
-    const REAL *poses, const REAL *tiled, const REAL *votes, const REAL *shift,
-    const REAL *const *coefs, int64_t T, const REAL *vcoef, const REAL *constant, int64_t B,
-    int64_t S, int64_t J, int64_t s0, int64_t s1, const int Q, REAL *grad_poses,
-    REAL *grad_tiled, REAL *grad_offset)
-{
-    VEC pk[SLOT_TILE][H];
-    VEC gp[SLOT_TILE][H];
-    VEC goff[SLOT_TILE];
-    VEC bv[T], cv[T]; /* this row's recorded v-coefficients and constants */
-    const int64_t n = s1 - s0;
-    for (int64_t i = 0; i < n; ++i)
-        goff[i] = (VEC){0};
-    for (int64_t b = 0; b < B; ++b) {
-        for (int64_t i = 0; i < n; ++i) {
-            NAME(spread_pose)(poses + (b * S + s0 + i) * H, pk[i], Q);
-            for (int k = 0; k < Q; ++k)
-                gp[i][k] = (VEC){0};
-        }
-        for (int64_t j = 0; j < J; ++j) {
-            const int64_t row = b * J + j;
-            const VEC c = NAME(load)(shift + row * H);
-            for (int64_t t = 0; t < T; ++t) {
-                bv[t] = NAME(load)(vcoef + (row * T + t) * H);
-                cv[t] = NAME(load)(constant + (row * T + t) * H);
-            }
-            for (int64_t i = 0; i < n; ++i) {
-                const int64_t s = s0 + i;
-                /* gradient of vote (row, s): x ⊙ Σ_t A_t[row, s] B_t + Σ_t A_t[row, s] C_t */
-                VEC mul = {0}, add = {0};
-                for (int64_t t = 0; t < T; ++t) {
-                    const REAL a = coefs[t][row * S + s];
-                    mul += a * bv[t];
-                    add += a * cv[t];
-                }
-                const VEC g = (NAME(load)(votes + (row * S + s) * H) - c) * mul + add;
-                const REAL *tw = tiled + (s * J + j) * Q * H;
-                REAL *dt = grad_tiled + (s * J + j) * Q * H;
-                for (int k = 0; k < Q; ++k) {
-                    gp[i][k] += g * NAME(load)(tw + k * H);
-                    NAME(store)(dt + k * H, NAME(load)(dt + k * H) + pk[i][k] * g);
-                }
-                goff[i] += g;
-            }
-        }
-        /* dL/dpose[r * Q + k] = Σ_c gp[k][r * Q + c] */
-        for (int64_t i = 0; i < n; ++i) {
-            REAL *out = grad_poses + (b * S + s0 + i) * H;
-            for (int k = 0; k < Q; ++k) {
-                REAL t[H];
-                NAME(store)(t, gp[i][k]);
-                for (int r = 0; r < H / Q; ++r) {
-                    REAL acc = 0;
-                    for (int cc = 0; cc < Q; ++cc)
-                        acc += t[r * Q + cc];
-                    out[r * Q + k] = acc;
-                }
-            }
-        }
-    }
-    if (grad_offset)
-        for (int64_t i = 0; i < n; ++i)
-            NAME(store)(grad_offset + (s0 + i) * H, goff[i]);
-}
-
-/* The same for matrix poses (Q = 4), with every product done on whole 4x4 matrices in registers:
- * dL/dpose (lanes (r, k)) = Σ_j Σ_c COLUMN(c) of g ⊙ wcol[s, j, c] with wcol[.., c][(r, k)] =
- * W[k][c], and dL/dW (lanes (k, c)) += Σ_r ROW_SPREAD(r) of the pose ⊙ ROW_TILE(r) of g. */
-static inline void NAME(vote_backward_tile4)(
-    const REAL *poses, const REAL *wcol, const REAL *votes, const REAL *shift,
-    const REAL *const *coefs, int64_t T, const REAL *vcoef, const REAL *constant, int64_t B,
-    int64_t S, int64_t J, int64_t s0, int64_t s1, REAL *grad_poses, REAL *grad_w,
-    REAL *grad_offset)
-{
-    VEC pr[SLOT_TILE][4];
-    VEC gp[SLOT_TILE];
-    VEC goff[SLOT_TILE];
-    VEC bv[T], cv[T];
-    const int64_t n = s1 - s0;
-    for (int64_t i = 0; i < n; ++i)
-        goff[i] = (VEC){0};
-    for (int64_t b = 0; b < B; ++b) {
-        for (int64_t i = 0; i < n; ++i) {
-            const VEC p = NAME(load)(poses + (b * S + s0 + i) * H);
-            pr[i][0] = SHUFFLE1(p, ROW_SPREAD(0));
-            pr[i][1] = SHUFFLE1(p, ROW_SPREAD(1));
-            pr[i][2] = SHUFFLE1(p, ROW_SPREAD(2));
-            pr[i][3] = SHUFFLE1(p, ROW_SPREAD(3));
-            gp[i] = (VEC){0};
-        }
-        for (int64_t j = 0; j < J; ++j) {
-            const int64_t row = b * J + j;
-            const VEC c = NAME(load)(shift + row * H);
-            for (int64_t t = 0; t < T; ++t) {
-                bv[t] = NAME(load)(vcoef + (row * T + t) * H);
-                cv[t] = NAME(load)(constant + (row * T + t) * H);
-            }
-            for (int64_t i = 0; i < n; ++i) {
-                const int64_t s = s0 + i;
-                VEC mul = {0}, add = {0};
-                for (int64_t t = 0; t < T; ++t) {
-                    const REAL a = coefs[t][row * S + s];
-                    mul += a * bv[t];
-                    add += a * cv[t];
-                }
-                const VEC g = (NAME(load)(votes + (row * S + s) * H) - c) * mul + add;
-                const REAL *wc = wcol + (s * J + j) * 4 * H;
-                gp[i] += SHUFFLE1(g, COLUMN(0)) * NAME(load)(wc) +
-                         SHUFFLE1(g, COLUMN(1)) * NAME(load)(wc + H) +
-                         SHUFFLE1(g, COLUMN(2)) * NAME(load)(wc + 2 * H) +
-                         SHUFFLE1(g, COLUMN(3)) * NAME(load)(wc + 3 * H);
-                REAL *dw = grad_w + (s * J + j) * H;
-                NAME(store)(dw, NAME(load)(dw) + pr[i][0] * SHUFFLE1(g, ROW_TILE(0)) +
-                                    pr[i][1] * SHUFFLE1(g, ROW_TILE(1)) +
-                                    pr[i][2] * SHUFFLE1(g, ROW_TILE(2)) +
-                                    pr[i][3] * SHUFFLE1(g, ROW_TILE(3)));
-                goff[i] += g;
-            }
-        }
-        for (int64_t i = 0; i < n; ++i)
-            NAME(store)(grad_poses + (b * S + s0 + i) * H, gp[i]);
-    }
-    if (grad_offset)
-        for (int64_t i = 0; i < n; ++i)
-            NAME(store)(grad_offset + (s0 + i) * H, goff[i]);
-}
-
-/* Backward of votes + routing for slots [s0, s1) of all B blocks. The vote gradient is
- * assembled from the T recorded coefficients (coefs[t] (B*J, S), vcoef and constant
- * (B*J, T, 16)) and never stored: it goes straight into grad_poses (B, S, 16), grad_w
- * (S, J, Q, Q; zero it first) and grad_offset (S, 16; may be NULL). `wmat` is the tiled W for
- * vector poses (Q = 16, where tiled = W) and the column-spread wcol for matrix poses.
- * Slots are taken in tiles so that the coefficient rows are read a cache line at a time. */
-void NAME(vote_backward)(const REAL *poses, const REAL *wmat, const REAL *votes,
-                         const REAL *shift, const REAL *const *coefs, int64_t T,
-                         const REAL *vcoef, const REAL *constant, int64_t B, int64_t S,
-                         int64_t J, int64_t Q, int64_t s0, int64_t s1, REAL *grad_poses,
-                         REAL *grad_w, REAL *grad_offset)
-{
-#pragma omp parallel for schedule(static)
-    for (int64_t t0 = s0; t0 < s1; t0 += SLOT_TILE) {
-        const int64_t t1 = t0 + SLOT_TILE < s1 ? t0 + SLOT_TILE : s1;
-        if (Q == 4)
-            NAME(vote_backward_tile4)(poses, wmat, votes, shift, coefs, T, vcoef, constant, B,
-                                      S, J, t0, t1, grad_poses, grad_w, grad_offset);
-        else
-            NAME(vote_backward_tile)(poses, wmat, votes, shift, coefs, T, vcoef, constant, B,
-                                     S, J, t0, t1, 16, grad_poses, grad_w, grad_offset);
-    }
-}
-
 /* exp of 16 lanes. float: Cephes' expf (range reduction by ln 2, degree-6 polynomial): within
  * 1.0 ulp of exp on [-87.3, 88.3] (measured, tests/test_cpu_kernels.py), 0 below -87.34 where
  * libm returns subnormals, NaN stays NaN; the routing only takes exp of arguments <= 0.
@@ -437,8 +228,7 @@ static inline REAL NAME(log_sigmoid)(REAL x)
     return x < 0 ? x - log1p(exp(x)) : -log1p(exp(-x));
 }
 
-/* Procedure 1 forward for a chunk of N images (see routing.py for the same math in PyTorch ops;
- * the backward replays that code on the results taped here):
+/* Procedure 1 forward for a chunk of N images (routing.py has the same math in PyTorch ops):
  *   votes v = pose @ W (+ offset) of B = N·L blocks into `votes` (B, J, S, 16), their mean per
  *   row into `shift` (B·J, 16); then `iters` M-steps with E-steps between, on x = v − c.
  * a_in (B, S); beta_u, beta_a (J); lambdas (iters) the inverse temperatures.
@@ -676,10 +466,16 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
  * takes through routing.routing_iterations; the tests hold the two equal in float64).
  * Recomputes the votes into `votes`/`shift`; reads the forward's tape; g_poses (B·J, 16) and
  * g_logit (B·J) may be NULL. Writes grad_a (B, S), per-row parts of the β gradients
- * (grad_bu, grad_ba: (B·J)), and the vote gradient as records for vote_backward: 2T − 1 slot
- * coefficients coefs[k] (B·J, S) with vcoef/constant (B·J, 2T − 1, 16): M-step t is record t,
- * E-step t record T + t. Work buffers: rowbuf (B·J, 3·16 + 1), gR (B·J, S), slot (B, S),
- * child (N, C). */
+ * (grad_bu, grad_ba: (B·J)) and the gradients of the poses (grad_poses (B, S, 16)), of W and
+ * of the offset, the last two per thread (grad_w_threads (threads, S, J, Q·Q), zeroed;
+ * grad_off_threads (threads, S, 16), zeroed, or NULL) for the caller to sum.
+ * The vote gradient is never stored: every use of the votes is linear in x or x², so
+ * dL/dx = x ⊙ Σ_k a_k B_k + Σ_k a_k C_k over 2T − 1 records, slot coefficients coefs[k]
+ * (B·J, S) with vcoef/constant (B·J, 2T − 1, 16) (M-step t is record t, E-step t record T + t),
+ * and the last M-step pass (t = 0), when all records are known, forms it vote by vote and maps
+ * it to the poses and W. wmat: W column-spread (Q = 4: wmat[s, j, c][(r, k)] = W[s, j, k, c])
+ * or W itself (Q = 16). Work buffers: rowbuf (B·J, 3·16 + 1), gR (B·J, S), slot (B, S),
+ * child (N, C), gp_threads (threads, S, Q·16). */
 void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offset,
                           const REAL *a_in, const REAL *beta_u, const REAL *beta_a,
                           const double *lambdas, int64_t iters, const int64_t *child_index,
@@ -688,12 +484,19 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                           const REAL *const *tape, const REAL *g_poses, const REAL *g_logit,
                           REAL *votes, REAL *shift, REAL *rowbuf, REAL *gR, REAL *slot,
                           REAL *child, REAL *const *coefs, REAL *vcoef, REAL *constant,
-                          REAL *grad_a, REAL *grad_bu, REAL *grad_ba)
+                          REAL *grad_a, REAL *grad_bu, REAL *grad_ba, const REAL *wmat,
+                          int64_t threads, REAL *grad_poses, REAL *grad_w_threads,
+                          REAL *grad_off_threads, REAL *gp_threads)
 {
     const int64_t B = N * L, rows = B * J, C = num_children, T = iters, K = 2 * iters - 1;
     const int RW = 3 * H + 1; /* rowbuf: g_mu (16), g_var (16), spare (16), g_logit (1) */
-#pragma omp parallel
+    const int64_t WQ = Q * Q, GQ = Q * H; /* per (slot, type) entries of dW; of wmat */
+#pragma omp parallel num_threads(threads)
     {
+        const int tid = omp_get_thread_num();
+        REAL *dw_t = grad_w_threads + tid * S * J * WQ;
+        REAL *doff_t = grad_off_threads ? grad_off_threads + tid * S * H : NULL;
+        REAL *gp = gp_threads + tid * S * H; /* this block's dL/dpose, (S, 16) */
 #pragma omp for schedule(static)
         for (int64_t g0 = 0; g0 < B; g0 += VOTE_GROUP) {
             const int64_t g1 = g0 + VOTE_GROUP < B ? g0 + VOTE_GROUP : B;
@@ -788,6 +591,56 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                             ga[s + i] += gw * rs;
                             w[s + i] = rs * ab[s + i];
                         }
+                    }
+                    if (t == 0) { /* every record is known: the vote gradient, vote by vote */
+                        if (j == 0)
+                            memset(gp, 0, sizeof(REAL) * S * H);
+                        VEC bk[K], ck[K];
+                        const REAL *ak[K];
+                        for (int64_t k = 0; k < K; ++k) {
+                            bk[k] = NAME(load)(vcoef + (r * K + k) * H);
+                            ck[k] = NAME(load)(constant + (r * K + k) * H);
+                            ak[k] = coefs[k] + r * S;
+                        }
+                        for (int64_t s2 = 0; s2 < S; ++s2) {
+                            VEC mul = {0}, add = {0};
+                            for (int64_t k = 0; k < K; ++k) {
+                                mul += ak[k][s2] * bk[k];
+                                add += ak[k][s2] * ck[k];
+                            }
+                            const VEC g = (NAME(load)(v + s2 * H) - c) * mul + add;
+                            const VEC p = NAME(load)(poses + (b * S + s2) * H);
+                            const REAL *wm = wmat + (s2 * J + j) * GQ;
+                            REAL *dw = dw_t + (s2 * J + j) * WQ;
+                            if (Q == 4) {
+                                REAL *gps = gp + s2 * H;
+                                NAME(store)(gps,
+                                            NAME(load)(gps) +
+                                                SHUFFLE1(g, COLUMN(0)) * NAME(load)(wm) +
+                                                SHUFFLE1(g, COLUMN(1)) * NAME(load)(wm + H) +
+                                                SHUFFLE1(g, COLUMN(2)) * NAME(load)(wm + 2 * H) +
+                                                SHUFFLE1(g, COLUMN(3)) * NAME(load)(wm + 3 * H));
+                                NAME(store)(dw, NAME(load)(dw) +
+                                                    SHUFFLE1(p, ROW_SPREAD(0)) * SHUFFLE1(g, ROW_TILE(0)) +
+                                                    SHUFFLE1(p, ROW_SPREAD(1)) * SHUFFLE1(g, ROW_TILE(1)) +
+                                                    SHUFFLE1(p, ROW_SPREAD(2)) * SHUFFLE1(g, ROW_TILE(2)) +
+                                                    SHUFFLE1(p, ROW_SPREAD(3)) * SHUFFLE1(g, ROW_TILE(3)));
+                            } else { /* vector poses: a vote is pose (1 x 16) @ W (16 x 16) */
+                                REAL pv[H];
+                                NAME(store)(pv, p);
+                                for (int k = 0; k < H; ++k) {
+                                    /* dL/dpose[k] += Σ_h g[h] W[k][h];  dW[k][h] += pose[k] g[h] */
+                                    gp[s2 * H + k] += NAME(hsum)(g * NAME(load)(wm + k * H));
+                                    NAME(store)(dw + k * H, NAME(load)(dw + k * H) + pv[k] * g);
+                                }
+                            }
+                            if (doff_t)
+                                NAME(store)(doff_t + s2 * H, NAME(load)(doff_t + s2 * H) + g);
+                        }
+                        if (j == J - 1)
+                            for (int64_t s2 = 0; s2 < S; ++s2)
+                                NAME(store)(grad_poses + (b * S + s2) * H,
+                                            NAME(load)(gp + s2 * H));
                     }
                 }
             }

@@ -157,17 +157,14 @@ def _load() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for suffix in ("f32", "f64"):
         getattr(lib, f"votes_{suffix}").argtypes = [ptr] * 3 + [i64] * 5 + [ptr] * 2
-        getattr(lib, f"moments_{suffix}").argtypes = [ptr] * 3 + [i64] * 3 + [ptr] * 2
-        getattr(lib, f"row_forms_{suffix}").argtypes = [ptr] * 4 + [i64] * 3 + [ptr]
         getattr(lib, f"route_forward_{suffix}").argtypes = (
             [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 11
         )
         getattr(lib, f"exp_lanes_{suffix}").argtypes = [ptr, i64, ptr]
         getattr(lib, f"route_backward_{suffix}").argtypes = (
-            [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 15
-        )
-        getattr(lib, f"vote_backward_{suffix}").argtypes = (
-            [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 6 + [ptr] * 3
+            ([ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 16)
+            + [i64]
+            + [ptr] * 4
         )
     return lib
 
@@ -311,7 +308,7 @@ def route_backward(
 ):
     """Gradients of route_forward from its tape, for one chunk: (poses (N, L, S, 16),
     transforms (S, J, q, q), activations_in (N, L, S), β_u (J,), β_a (J,), offset (S, 16) or
-    None). Votes are recomputed; the vote gradient goes to vote_backward as records."""
+    None). The votes are recomputed; their gradient is formed vote by vote, never stored."""
     n, l, s, h = child_poses.shape
     j, q = tiled.shape[1], tiled.shape[2]
     poses = child_poses.contiguous()
@@ -326,6 +323,13 @@ def route_backward(
     g_logit = None if grad_logit is None else grad_logit.to(dtype).contiguous()
     iters = len(lambdas)
     records = 2 * iters - 1
+    threads = torch.get_num_threads()
+    if q == 4:  # wcol[s, j, c, (r, k)] = W[s, j, k, c]: W's column c spread over the rows r
+        w = tiled[..., :q]  # (S, J, 4, 4)
+        wmat = w.transpose(-1, -2).unsqueeze(-2).expand(s, j, q, q, q).reshape(s, j, q, h)
+        wmat = wmat.contiguous()
+    else:
+        wmat = tiled  # vector poses: tiled is W itself
     votes = _workspace(n * l * j * s * h, poses)
     shift = poses.new_empty(n, l, j, 1, h)
     rowbuf = poses.new_empty(n * l * j, 3 * h + 1)
@@ -337,6 +341,10 @@ def route_backward(
     constants = poses.new_empty(n, l, j, records, h)
     grad_a = poses.new_empty(n, l, s)
     grad_bu_rows, grad_ba_rows = poses.new_empty(n * l, j), poses.new_empty(n * l, j)
+    grad_child = poses.new_empty(n, l, s, h)
+    grad_w = poses.new_zeros(threads, s, j, q, q)  # one copy per thread, summed below
+    grad_off = poses.new_zeros(threads, s, h) if need_offset else None
+    gp_work = poses.new_empty(threads, s, h)
     tape_ptrs = (ctypes.c_void_p * len(tape))(*[_ptr(t) for t in tape])
     coef_ptrs = (ctypes.c_void_p * records)(*[_ptr(c) for c in coefs])
     fn = _function("route_backward", dtype)
@@ -346,87 +354,14 @@ def route_backward(
         num_children, n, l, s, j, q, var_floor, sum_floor,
         tape_ptrs, _ptr(g_poses), _ptr(g_logit), _ptr(votes), _ptr(shift), _ptr(rowbuf),
         _ptr(grad_assign), _ptr(slot), _ptr(child), coef_ptrs, _ptr(v_coefs), _ptr(constants),
-        _ptr(grad_a), _ptr(grad_bu_rows), _ptr(grad_ba_rows),
+        _ptr(grad_a), _ptr(grad_bu_rows), _ptr(grad_ba_rows), _ptr(wmat), threads,
+        _ptr(grad_child), _ptr(grad_w), _ptr(grad_off), _ptr(gp_work),
     )  # fmt: skip
-    del grad_assign, rowbuf, slot, child
-    grad_child, grad_transforms, grad_offset = vote_backward(
-        poses, tiled, votes.view(n, l, j, s, h), shift, coefs, v_coefs, constants, need_offset
-    )
     return (
         grad_child,
-        grad_transforms,
+        grad_w.sum(0),
         grad_a,
         grad_bu_rows.sum(0),
         grad_ba_rows.sum(0),
-        grad_offset,
+        None if grad_off is None else grad_off.sum(0),
     )
-
-
-def moments(
-    votes: torch.Tensor, shift: torch.Tensor, weighted: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """votes (..., S, 16), shift (..., 1, 16), weighted (..., S) -> Σ_s w x and Σ_s w x² with
-    x = votes − shift, (..., 16) each."""
-    *lead, s, h = votes.shape
-    w = weighted.to(votes.dtype).contiguous()
-    total, total_sq = votes.new_empty(*lead, h), votes.new_empty(*lead, h)
-    rows = votes.numel() // (s * h)
-    fn = _function("moments", votes.dtype)
-    head = (_ptr(votes), _ptr(shift), _ptr(w), s)
-    _call(fn, rows, head, (_ptr(total), _ptr(total_sq)))
-    return total, total_sq
-
-
-def row_forms(
-    votes: torch.Tensor, shift: torch.Tensor, lin: torch.Tensor, sq: torch.Tensor
-) -> torch.Tensor:
-    """votes (..., S, 16), shift (..., 1, 16), lin and sq (..., 16) -> Σ_h x (lin + sq x) with
-    x = votes − shift: (..., S)."""
-    *lead, s, h = votes.shape
-    lin = lin.to(votes.dtype).contiguous()
-    sq = sq.to(votes.dtype).contiguous()
-    out = votes.new_empty(*lead, s)
-    rows = votes.numel() // (s * h)
-    fn = _function("row_forms", votes.dtype)
-    _call(fn, rows, (_ptr(votes), _ptr(shift), _ptr(lin), _ptr(sq), s), (_ptr(out),))
-    return out
-
-
-def vote_backward(
-    child_poses: torch.Tensor,
-    tiled: torch.Tensor,
-    votes: torch.Tensor,
-    shift: torch.Tensor,
-    slot_coefs: list[torch.Tensor],
-    v_coefs: torch.Tensor,
-    constants: torch.Tensor,
-    need_offset: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of poses, transforms and offset from a vote gradient given implicitly as
-    dL/dv = x ⊙ (Σ_t A_t B_t) + Σ_t A_t C_t with x = votes − shift (never stored).
-
-    child_poses (N, L, S, 16), tiled (S, J, q, 16), votes (N, L, J, S, 16), shift
-    (N, L, J, 1, 16), slot_coefs T x (N, L, J, S), v_coefs and constants (N, L, J, T, 16).
-    Returns grad poses (N, L, S, 16), grad transforms (S, J, q, q), grad offset (S, 16) or None.
-    """
-    n, l, s, h = child_poses.shape
-    j, q = tiled.shape[1], tiled.shape[2]
-    poses = child_poses.contiguous()
-    if q == 4:  # wcol[s, j, c, (r, k)] = W[s, j, k, c]: W's column c spread over the rows r
-        w = tiled[..., :q]  # (S, J, 4, 4)
-        wmat = w.transpose(-1, -2).unsqueeze(-2).expand(s, j, q, q, q).reshape(s, j, q, h)
-        wmat = wmat.contiguous()
-    else:
-        wmat = tiled  # vector poses: tiled is W itself
-    coefs = [c.to(votes.dtype).contiguous() for c in slot_coefs]
-    pointers = (ctypes.c_void_p * len(coefs))(*[c.data_ptr() for c in coefs])
-    v_coefs = v_coefs.to(votes.dtype).contiguous()
-    constants = constants.to(votes.dtype).contiguous()
-    grad_poses = poses.new_empty(n, l, s, h)
-    grad_transforms = poses.new_zeros(s, j, q, q)
-    grad_offset = poses.new_zeros(s, h) if need_offset else None
-    fn = _function("vote_backward", votes.dtype)
-    head = (_ptr(poses), _ptr(wmat), _ptr(votes), _ptr(shift), pointers, len(coefs))
-    head += (_ptr(v_coefs), _ptr(constants), n * l, s, j, q)
-    _call(fn, s, head, (_ptr(grad_poses), _ptr(grad_transforms), _ptr(grad_offset)))
-    return grad_poses, grad_transforms, grad_offset

@@ -57,24 +57,6 @@ class RoutingSpec:
     chunk_elements: int | None = None
 
 
-class CVoteOps(VoteOps):
-    """VoteOps on the C kernels: the raw votes and their per-parent mean are stored; each pass
-    centres the votes and squares them as it reads them."""
-
-    def __init__(self, votes: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__(votes, None)
-        self.shift = shift  # (N, L, J, 1, H)
-
-    def moments(self, weighted):
-        return cpu_kernels.moments(self.v, self.shift, weighted)
-
-    def row_forms(self, lin, sq):
-        return cpu_kernels.row_forms(self.v, self.shift, lin, sq)
-
-    def quadratic(self, inv_var, mean_inv_var):
-        return cpu_kernels.row_forms(self.v, self.shift, -2.0 * mean_inv_var, inv_var)
-
-
 class _TapedVoteOps:
     """A VoteOps whose forward results are appended to a tape, so that the backward replay of
     the routing loop takes them from there instead of reading the votes again (the replay runs
@@ -222,17 +204,12 @@ class _TorchVotes:
 
 
 class _CVotes:
-    """Votes and their backward on the C kernels (CPU): votes computed straight into the
-    routing layout, the vote gradient assembled and mapped to poses and W without storing it."""
+    """Votes and routing on the C kernels (CPU; cpu_kernels.c): one call per chunk forward, one
+    backward, the votes recomputed there and their gradient never stored."""
 
     @staticmethod
     def prepare(transforms, spec):
         return cpu_kernels.tile_transforms(transforms)  # (S, J, q, 16)
-
-    @staticmethod
-    def ops(child_poses, prepared, vote_offset):
-        votes, shift = cpu_kernels.votes(child_poses, prepared, vote_offset)
-        return CVoteOps(votes, shift), shift
 
     @staticmethod
     def forward(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape):
@@ -256,14 +233,6 @@ class _CVotes:
         if tape is not None:
             tape.extend(taped)
         return poses, logit
-
-    @staticmethod
-    def backward(child_poses, transforms, prepared, ops, spec, need_offset):
-        b = torch.stack(ops.v_coefs, dim=-2)  # (n, L, J, T, H)
-        c = torch.stack(ops.constants, dim=-2)  # (n, L, J, T, H)
-        return cpu_kernels.vote_backward(
-            child_poses, prepared, ops.v, ops.base.shift, ops.slot_coefs, b, c, need_offset
-        )
 
 
 def _centred_votes(child_poses, matrix, vote_offset):
