@@ -96,3 +96,16 @@ def test_network_is_dtype_agnostic_and_differentiable():
     scores.sum().backward()
     assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_network_trains_after_running_under_inference_mode(kernels):
+    """Cached geometry (and the C kernels' workspace) made under torch.inference_mode must not
+    turn into inference tensors that a later backward would need."""
+    from emcaps_cli.models import ModelConfig, build_model, parse_arch
+
+    model = build_model(ModelConfig(arch=parse_arch("8,4,4,4"), iters=1))
+    x = torch.randn(2, 2, 32, 32)
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

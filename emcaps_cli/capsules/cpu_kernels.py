@@ -198,7 +198,8 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
     buf = buffers.get(like.dtype)
     if buf is None or buf.numel() < numel:
         buffers.pop(like.dtype, None)
-        buf = buffers[like.dtype] = like.new_empty(numel)
+        with torch.inference_mode(False):  # kept for later calls outside inference mode too
+            buf = buffers[like.dtype] = like.new_empty(numel)
     return buf[:numel]
 
 

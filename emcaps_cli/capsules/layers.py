@@ -82,16 +82,20 @@ class ConvCaps(nn.Module):
         """(patch positions (L, K*K), ChildMap or None, output side) for an input grid, cached."""
         key = (height, width, str(device))
         if key not in self._geometry:
-            positions = geometry.patch_positions(height, width, self.kernel, self.stride)
-            child_map = None
-            if self.routing == "exact":
-                child_map = geometry.conv_child_map(
-                    height, width, self.kernel, self.stride, self.in_types
-                ).to(device)
-            out_h = geometry.output_size(height, self.kernel, self.stride)
-            out_w = geometry.output_size(width, self.kernel, self.stride)
-            self._geometry[key] = (positions.to(device), child_map, (out_h, out_w))
+            with torch.inference_mode(False):  # cached for later grad-mode calls too
+                self._geometry[key] = self._build_geometry(height, width, device)
         return self._geometry[key]
+
+    def _build_geometry(self, height: int, width: int, device: torch.device):
+        positions = geometry.patch_positions(height, width, self.kernel, self.stride)
+        child_map = None
+        if self.routing == "exact":
+            child_map = geometry.conv_child_map(
+                height, width, self.kernel, self.stride, self.in_types
+            ).to(device)
+        out_h = geometry.output_size(height, self.kernel, self.stride)
+        out_w = geometry.output_size(width, self.kernel, self.stride)
+        return positions.to(device), child_map, (out_h, out_w)
 
     def patches(self, poses: torch.Tensor) -> torch.Tensor:
         """poses (N, H, W, B, 16) -> child poses per parent position (N, L, K*K*B, 16)."""
