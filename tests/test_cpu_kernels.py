@@ -165,3 +165,11 @@ def test_routing_gradients_agree_on_one_and_two_threads():
         cpu_kernels.set_backend(before)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_unwritable_cache_is_reported_not_raised_as_oserror(fresh_state, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("EMCAPS_KERNEL_CACHE", str(blocker / "kernels"))
+    with pytest.raises(cpu_kernels.KernelsUnavailable, match="could not build into"):
+        cpu_kernels.library()

@@ -149,7 +149,10 @@ def _load() -> ctypes.CDLL:
     key.update((platform.machine() + _cpu_signature()).encode())
     target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
-        _build(compiler, target)
+        try:
+            _build(compiler, target)
+        except OSError as err:  # an unwritable cache directory, say
+            raise KernelsUnavailable(f"could not build into {target.parent}: {err}") from err
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as err:
