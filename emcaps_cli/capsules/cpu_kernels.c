@@ -165,12 +165,13 @@ static inline __attribute__((always_inline)) void NAME(votes_group)(
         NAME(store)(shift + i * H, NAME(load)(shift + i * H) * inv);
 }
 
-/* Votes of blocks [b0, b1) and their unweighted mean per (block, parent type).
- * offset (S, 16) may be NULL. */
-void NAME(votes)(const REAL *poses, const REAL *tiled, const REAL *offset, int64_t S, int64_t J,
-                 int64_t Q, int64_t b0, int64_t b1, REAL *votes, REAL *shift)
+/* Votes of blocks [b0, b1) and their mean, shared out over the threads of the enclosing
+ * parallel region. */
+static void NAME(votes_all)(const REAL *poses, const REAL *tiled, const REAL *offset, int64_t S,
+                            int64_t J, int64_t Q, int64_t b0, int64_t b1, REAL *votes,
+                            REAL *shift)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t g0 = b0; g0 < b1; g0 += VOTE_GROUP) {
         const int64_t g1 = g0 + VOTE_GROUP < b1 ? g0 + VOTE_GROUP : b1;
         if (Q == 4)
@@ -178,6 +179,89 @@ void NAME(votes)(const REAL *poses, const REAL *tiled, const REAL *offset, int64
         else
             NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 16, votes, shift);
     }
+}
+
+/* Votes of blocks [b0, b1) and their unweighted mean per (block, parent type).
+ * offset (S, 16) may be NULL. */
+void NAME(votes)(const REAL *poses, const REAL *tiled, const REAL *offset, int64_t S, int64_t J,
+                 int64_t Q, int64_t b0, int64_t b1, REAL *votes, REAL *shift)
+{
+#pragma omp parallel
+    NAME(votes_all)(poses, tiled, offset, S, J, Q, b0, b1, votes, shift);
+}
+
+/* R_0 of the slots at parent position l: uniform over each child's parents (exact routing:
+ * J types at each of its parent_count positions) or over the J types. */
+static inline void NAME(initial_assignments)(const int64_t *child_index, const REAL *parent_count,
+                                             int64_t J, int64_t S, int64_t l, REAL *out)
+{
+    for (int64_t s = 0; s < S; ++s)
+        out[s] = child_index ? (REAL)1 / ((REAL)J * parent_count[l * S + s]) : (REAL)1 / (REAL)J;
+}
+
+/* For exact routing: combine the per-slot values of each image over the slots that hold the
+ * same child (their max, or their sum) and give every slot its child's result. slot (N·L, S),
+ * child (N, C) work space. Shared out over the threads of the enclosing parallel region. */
+static void NAME(over_children)(REAL *slot, REAL *child, const int64_t *child_index, int64_t N,
+                                int64_t L, int64_t S, int64_t C, int use_max)
+{
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        REAL *cv = child + n * C;
+        for (int64_t i = 0; i < C; ++i)
+            cv[i] = use_max ? -INFINITY : 0;
+        for (int64_t i = 0; i < L * S; ++i) {
+            const REAL x = slot[n * L * S + i];
+            REAL *d = cv + child_index[i];
+            *d = use_max ? (x > *d ? x : *d) : *d + x;
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < N * L; ++b) {
+        const int64_t n = b / L, l = b % L;
+        for (int64_t s = 0; s < S; ++s)
+            slot[b * S + s] = child[n * C + child_index[l * S + s]];
+    }
+}
+
+/* Σ_h x (l + q x) for up to 16 slots from s on (x = v − c): the quadratic forms of a row, 16 at
+ * a time through hsum16. Writes form[0..n) and returns n. */
+static inline int64_t NAME(row_forms16)(const REAL *v, VEC c, VEC l, VEC q, int64_t s, int64_t S,
+                                        REAL *form)
+{
+    const int64_t n = S - s < 16 ? S - s : 16;
+    if (n == 16) {
+        VEC tt[16];
+        for (int i = 0; i < 16; ++i) {
+            const VEC x = NAME(load)(v + (s + i) * H) - c;
+            tt[i] = x * (l + q * x);
+        }
+        NAME(store)(form, NAME(hsum16)(tt));
+    } else {
+        for (int64_t i = 0; i < n; ++i) {
+            const VEC x = NAME(load)(v + (s + i) * H) - c;
+            form[i] = NAME(hsum)(x * (l + q * x));
+        }
+    }
+    return n;
+}
+
+/* The rest of an M-step for one row from its amount A = Σ_s R a and sums Σ w x, Σ w x²:
+ * divisor D, centred μ, σ² before the floor (V'), σ², Σ_h log σ. Clamps let NaN through. */
+static inline void NAME(m_finish)(REAL A, const REAL *s1, const REAL *s2, double var_floor,
+                                  double sum_floor, REAL *div, REAL *mean, REAL *vraw,
+                                  REAL *var, REAL *log_sigma)
+{
+    const REAL D = A < (REAL)sum_floor ? (REAL)sum_floor : A;
+    REAL ls = 0;
+    for (int h = 0; h < H; ++h) {
+        mean[h] = s1[h] / D;
+        vraw[h] = s2[h] / D - mean[h] * mean[h];
+        var[h] = (vraw[h] < 0 ? 0 : vraw[h]) + (REAL)var_floor;
+        ls += (REAL)0.5 * log(var[h]);
+    }
+    *div = D;
+    *log_sigma = ls;
 }
 
 /* exp of 16 lanes. float: Cephes' expf (range reduction by ln 2, degree-6 polynomial): within
@@ -254,22 +338,12 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
     const REAL log_2pi_half = (REAL)(0.5 * H * log(2.0 * 3.14159265358979323846));
 #pragma omp parallel
     {
+        NAME(votes_all)(poses, tiled, offset, S, J, Q, 0, B, votes, shift);
 #pragma omp for schedule(static)
-        for (int64_t g0 = 0; g0 < B; g0 += VOTE_GROUP) {
-            const int64_t g1 = g0 + VOTE_GROUP < B ? g0 + VOTE_GROUP : B;
-            if (Q == 4)
-                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 4, votes, shift);
-            else
-                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 16, votes, shift);
-        }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; ++b) {
-            const int64_t l = b % L;
+        for (int64_t b = 0; b < B; ++b)
             for (int64_t j = 0; j < J; ++j)
-                for (int64_t s = 0; s < S; ++s)
-                    R[(b * J + j) * S + s] =
-                        child_index ? (REAL)1 / ((REAL)J * parent_count[l * S + s]) : (REAL)1 / (REAL)J;
-        }
+                NAME(initial_assignments)(child_index, parent_count, J, S, b % L,
+                                          R + (b * J + j) * S);
         for (int64_t t = 0; t < iters; ++t) {
             const REAL lam = (REAL)lambdas[t];
             /* M-step, one row (block, parent type) at a time */
@@ -293,20 +367,12 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                     NAME(store)(tape[t] + r * H, a1);
                     NAME(store)(tape[iters + t] + r * H, a2);
                 }
-                const REAL div = amount < (REAL)sum_floor ? (REAL)sum_floor : amount; /* NaN stays */
-                REAL m1[H], m2[H], log_sigma = 0;
-                memcpy(m1, &a1, sizeof m1);
-                memcpy(m2, &a2, sizeof m2);
-                for (int h = 0; h < H; ++h) {
-                    const REAL mean = m1[h] / div;
-                    REAL vr = m2[h] / div - mean * mean;
-                    vr = (vr < 0 ? 0 : vr) + (REAL)var_floor;
-                    m1[h] = mean;
-                    m2[h] = vr;
-                    log_sigma += (REAL)0.5 * log(vr);
-                }
-                memcpy(poses_out + r * H, m1, sizeof m1); /* centred μ until the end */
-                memcpy(var + r * H, m2, sizeof m2);
+                REAL s1[H], s2[H], div, vraw[H], log_sigma;
+                NAME(store)(s1, a1);
+                NAME(store)(s2, a2);
+                /* centred μ into poses_out until the end */
+                NAME(m_finish)(amount, s1, s2, var_floor, sum_floor, &div, poses_out + r * H, vraw,
+                               var + r * H, &log_sigma);
                 const REAL cost = amount * ((REAL)H * beta_u[j] + log_sigma);
                 logit_out[r] = lam * (beta_a[j] - cost);
             }
@@ -328,23 +394,9 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                 const REAL base = NAME(log_sigmoid)(logit_out[r]) - log_norm;
                 REAL *out = R + r * S;
                 REAL *taped = tape ? tape[2 * iters + t] + r * S : NULL;
-                int64_t s = 0;
-                for (; s < S; s += 16) {
+                for (int64_t s = 0; s < S; s += 16) {
                     REAL form[16];
-                    const int64_t n = S - s < 16 ? S - s : 16;
-                    if (n == 16) {
-                        VEC tt[16];
-                        for (int i = 0; i < 16; ++i) {
-                            const VEC x = NAME(load)(v + (s + i) * H) - c;
-                            tt[i] = x * (l + q * x);
-                        }
-                        NAME(store)(form, NAME(hsum16)(tt));
-                    } else {
-                        for (int64_t i = 0; i < n; ++i) {
-                            const VEC x = NAME(load)(v + (s + i) * H) - c;
-                            form[i] = NAME(hsum)(x * (l + q * x));
-                        }
-                    }
+                    const int64_t n = NAME(row_forms16)(v, c, l, q, s, S, form);
                     for (int64_t i = 0; i < n; ++i) {
                         if (taped)
                             taped[s + i] = form[i];
@@ -366,26 +418,8 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                         m[s] = lg[s] > m[s] ? lg[s] : m[s];
                 }
             }
-            if (child_index) {
-#pragma omp for schedule(static)
-                for (int64_t n = 0; n < N; ++n) {
-                    REAL *cm = child_a + n * C;
-                    for (int64_t i = 0; i < C; ++i)
-                        cm[i] = -INFINITY;
-                    for (int64_t i = 0; i < L * S; ++i) {
-                        const REAL x = slot_a[n * L * S + i];
-                        REAL *d = cm + child_index[i];
-                        *d = x > *d ? x : *d;
-                    }
-                }
-#pragma omp for schedule(static)
-                for (int64_t b = 0; b < B; ++b) {
-                    const int64_t n = b / L, l = b % L;
-                    REAL *m = slot_a + b * S;
-                    for (int64_t s = 0; s < S; ++s)
-                        m[s] = child_a[n * C + child_index[l * S + s]];
-                }
-            }
+            if (child_index)
+                NAME(over_children)(slot_a, child_a, child_index, N, L, S, C, 1);
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; ++b) {
                 const REAL *m = slot_a + b * S;
@@ -406,22 +440,8 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                     }
                 }
             }
-            if (child_index) {
-#pragma omp for schedule(static)
-                for (int64_t n = 0; n < N; ++n) {
-                    REAL *cs = child_b + n * C;
-                    memset(cs, 0, sizeof(REAL) * C);
-                    for (int64_t i = 0; i < L * S; ++i)
-                        cs[child_index[i]] += slot_b[n * L * S + i];
-                }
-#pragma omp for schedule(static)
-                for (int64_t b = 0; b < B; ++b) {
-                    const int64_t n = b / L, l = b % L;
-                    REAL *sum = slot_b + b * S;
-                    for (int64_t s = 0; s < S; ++s)
-                        sum[s] = child_b[n * C + child_index[l * S + s]];
-                }
-            }
+            if (child_index)
+                NAME(over_children)(slot_b, child_b, child_index, N, L, S, C, 0);
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; ++b) {
                 const REAL *sum = slot_b + b * S;
@@ -440,8 +460,8 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
     }
 }
 
-/* Per-row quantities of an M-step, recomputed from its taped sums: amount A = Σ_s R a,
- * divisor D, centred μ, σ² before the floor (V'), σ², Σ_h log σ. */
+/* Per-row quantities of an M-step, recomputed from its taped sums: amount A = Σ_s R a, then
+ * as m_finish. */
 static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, const REAL *s1,
                                const REAL *s2, double var_floor, double sum_floor, REAL *amount,
                                REAL *div, REAL *mean, REAL *vraw, REAL *var, REAL *log_sigma)
@@ -449,17 +469,8 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
     REAL A = 0;
     for (int64_t s = 0; s < S; ++s)
         A += assign[s] * a_in[s];
-    const REAL D = A < (REAL)sum_floor ? (REAL)sum_floor : A;
-    REAL ls = 0;
-    for (int h = 0; h < H; ++h) {
-        mean[h] = s1[h] / D;
-        vraw[h] = s2[h] / D - mean[h] * mean[h];
-        var[h] = (vraw[h] < 0 ? 0 : vraw[h]) + (REAL)var_floor;
-        ls += (REAL)0.5 * log(var[h]);
-    }
     *amount = A;
-    *div = D;
-    *log_sigma = ls;
+    NAME(m_finish)(A, s1, s2, var_floor, sum_floor, div, mean, vraw, var, log_sigma);
 }
 
 /* Backward of route_forward for one chunk, by hand (the same derivatives PyTorch's autograd
@@ -497,14 +508,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
         REAL *dw_t = grad_w_threads + tid * S * J * WQ;
         REAL *doff_t = grad_off_threads ? grad_off_threads + tid * S * H : NULL;
         REAL *gp = gp_threads + tid * S * H; /* this block's dL/dpose, (S, 16) */
-#pragma omp for schedule(static)
-        for (int64_t g0 = 0; g0 < B; g0 += VOTE_GROUP) {
-            const int64_t g1 = g0 + VOTE_GROUP < B ? g0 + VOTE_GROUP : B;
-            if (Q == 4)
-                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 4, votes, shift);
-            else
-                NAME(votes_group)(poses, tiled, offset, S, J, g0, g1, 16, votes, shift);
-        }
+        NAME(votes_all)(poses, tiled, offset, S, J, Q, 0, B, votes, shift);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             REAL *rb = rowbuf + r * RW;
@@ -532,9 +536,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                     if (t > 0) {
                         assign = tape[3 * T - 1 + t - 1] + r * S;
                     } else {
-                        for (int64_t s = 0; s < S; ++s)
-                            w[s] = child_index ? (REAL)1 / ((REAL)J * parent_count[l * S + s])
-                                               : (REAL)1 / (REAL)J;
+                        NAME(initial_assignments)(child_index, parent_count, J, S, l, w);
                         assign = w; /* R_0, overwritten by w below */
                     }
                     REAL A, D, mean[H], vraw[H], var[H], ls;
@@ -568,23 +570,9 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                     const VEC c = NAME(load)(shift + r * H), l1 = NAME(load)(gS1),
                               q2 = NAME(load)(gS2);
                     REAL *gr = gR + r * S;
-                    int64_t s = 0;
-                    for (; s < S; s += 16) {
+                    for (int64_t s = 0; s < S; s += 16) {
                         REAL form[16];
-                        const int64_t n = S - s < 16 ? S - s : 16;
-                        if (n == 16) {
-                            VEC tt[16];
-                            for (int i = 0; i < 16; ++i) {
-                                const VEC x = NAME(load)(v + (s + i) * H) - c;
-                                tt[i] = x * (l1 + q2 * x);
-                            }
-                            NAME(store)(form, NAME(hsum16)(tt));
-                        } else {
-                            for (int64_t i = 0; i < n; ++i) {
-                                const VEC x = NAME(load)(v + (s + i) * H) - c;
-                                form[i] = NAME(hsum)(x * (l1 + q2 * x));
-                            }
-                        }
+                        const int64_t n = NAME(row_forms16)(v, c, l1, q2, s, S, form);
                         for (int64_t i = 0; i < n; ++i) {
                             const REAL gw = form[i] + gA, rs = assign[s + i];
                             gr[s + i] = gw * ab[s + i];
@@ -658,22 +646,8 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                         d[s] += rr[s] * gg[s];
                 }
             }
-            if (child_index) {
-#pragma omp for schedule(static)
-                for (int64_t n = 0; n < N; ++n) {
-                    REAL *cs = child + n * C;
-                    memset(cs, 0, sizeof(REAL) * C);
-                    for (int64_t i = 0; i < L * S; ++i)
-                        cs[child_index[i]] += slot[n * L * S + i];
-                }
-#pragma omp for schedule(static)
-                for (int64_t b = 0; b < B; ++b) {
-                    const int64_t n = b / L, l = b % L;
-                    REAL *d = slot + b * S;
-                    for (int64_t s = 0; s < S; ++s)
-                        d[s] = child[n * C + child_index[l * S + s]];
-                }
-            }
+            if (child_index)
+                NAME(over_children)(slot, child, child_index, N, L, S, C, 0);
             const REAL lam_prev = (REAL)lambdas[t - 1];
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; ++b) {
@@ -686,9 +660,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                         assign_prev = tape[3 * T - 1 + t - 2] + r * S;
                     } else {
                         REAL *tmp = coefs[T + t - 1] + r * S; /* R_0 here for a moment */
-                        for (int64_t s = 0; s < S; ++s)
-                            tmp[s] = child_index ? (REAL)1 / ((REAL)J * parent_count[l * S + s])
-                                                 : (REAL)1 / (REAL)J;
+                        NAME(initial_assignments)(child_index, parent_count, J, S, l, tmp);
                         assign_prev = tmp;
                     }
                     REAL A, D, mean[H], vraw[H], var[H], ls;

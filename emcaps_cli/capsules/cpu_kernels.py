@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -225,58 +226,84 @@ def votes(
     return out, shift
 
 
+@dataclass
+class RoutingProblem:
+    """One chunk's routing inputs, as both C calls take them (the same first 18 arguments).
+
+    child_poses (N, L, S, 16), tiled (S, J, q, 16) from tile_transforms, offset (S, 16) or None,
+    activations_in (N, L, S), β (J,), lambdas one inverse temperature per iteration,
+    child_index and parent_count (L*S,) for exact routing or None, the two numeric floors.
+    """
+
+    child_poses: torch.Tensor
+    tiled: torch.Tensor
+    offset: torch.Tensor | None
+    activations_in: torch.Tensor
+    beta_u: torch.Tensor
+    beta_a: torch.Tensor
+    lambdas: list[float]
+    child_index: torch.Tensor | None
+    parent_count: torch.Tensor | None
+    num_children: int
+    var_floor: float
+    sum_floor: float
+
+    def __post_init__(self) -> None:
+        dtype = self.child_poses.dtype
+        self.child_poses = self.child_poses.contiguous()
+        if self.offset is not None:
+            self.offset = self.offset.to(dtype).contiguous()
+        self.activations_in = self.activations_in.to(dtype).contiguous()
+        self.beta_u = self.beta_u.to(dtype).contiguous()
+        self.beta_a = self.beta_a.to(dtype).contiguous()
+        if self.child_index is not None:
+            self.child_index = self.child_index.to(torch.int64).contiguous()
+            self.parent_count = self.parent_count.to(dtype).contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        """(N, L, S, 16, J, q)."""
+        return (*self.child_poses.shape, self.tiled.shape[1], self.tiled.shape[2])
+
+    def arguments(self) -> tuple:
+        n, l, s, _, j, q = self.shape
+        iters = len(self.lambdas)
+        return (
+            _ptr(self.child_poses), _ptr(self.tiled), _ptr(self.offset),
+            _ptr(self.activations_in), _ptr(self.beta_u), _ptr(self.beta_a),
+            (ctypes.c_double * iters)(*self.lambdas), iters,
+            _ptr(self.child_index), _ptr(self.parent_count), self.num_children,
+            n, l, s, j, q, self.var_floor, self.sum_floor,
+        )  # fmt: skip
+
+
 def route_forward(
-    child_poses: torch.Tensor,
-    tiled: torch.Tensor,
-    offset: torch.Tensor | None,
-    activations_in: torch.Tensor,
-    beta_u: torch.Tensor,
-    beta_a: torch.Tensor,
-    lambdas: list[float],
-    child_index: torch.Tensor | None,
-    parent_count: torch.Tensor | None,
-    num_children: int,
-    var_floor: float,
-    sum_floor: float,
-    keep_tape: bool,
+    problem: RoutingProblem, keep_tape: bool
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
     """Votes and the whole of Procedure 1 for a chunk of images in one call (the math of
     routing.routing_iterations; see route_forward in the C file).
 
-    child_poses (N, L, S, 16), tiled (S, J, q, 16), offset (S, 16) or None, activations_in
-    (N, L, S), β (J,), lambdas one per iteration; child_index and parent_count (L*S,) for exact
-    routing or None. Returns poses (N, L, J, 16), activation logits (N, L, J) and, if
-    `keep_tape`, what route_backward needs from the forward pass.
+    Returns poses (N, L, J, 16), activation logits (N, L, J) and, if `keep_tape`, what
+    route_backward needs from the forward pass.
     """
-    n, l, s, h = child_poses.shape
-    j, q = tiled.shape[1], tiled.shape[2]
-    poses = child_poses.contiguous()
-    dtype = poses.dtype
-    offset = None if offset is None else offset.to(dtype).contiguous()
-    a_in = activations_in.to(dtype).contiguous()
-    beta_u, beta_a = beta_u.to(dtype).contiguous(), beta_a.to(dtype).contiguous()
-    if child_index is not None:
-        child_index = child_index.to(torch.int64).contiguous()
-        parent_count = parent_count.to(dtype).contiguous()
+    n, l, s, h, j, _ = problem.shape
+    poses = problem.child_poses
+    children = max(problem.num_children, 1)
     votes = _workspace(n * l * j * s * h, poses)
     shift = poses.new_empty(n, l, j, 1, h)
     assignments = poses.new_empty(n, l, j, s)
     variance = poses.new_empty(n, l, j, h)
     slot_a, slot_b = poses.new_empty(n, l, s), poses.new_empty(n, l, s)
-    child_a = poses.new_empty(n, max(num_children, 1))
-    child_b = poses.new_empty(n, max(num_children, 1))
+    child_a, child_b = poses.new_empty(n, children), poses.new_empty(n, children)
     out_poses, out_logit = poses.new_empty(n, l, j, h), poses.new_empty(n, l, j)
-    iters = len(lambdas)
+    iters = len(problem.lambdas)
     tape = None
     if keep_tape:  # Σ w x and Σ w x² per iteration, E-step forms and assignments but the last
         tape = [poses.new_empty(n, l, j, h) for _ in range(2 * iters)]
         tape += [poses.new_empty(n, l, j, s) for _ in range(2 * iters - 2)]
     tape_ptrs = None if tape is None else (ctypes.c_void_p * len(tape))(*[_ptr(t) for t in tape])
-    fn = _function("route_forward", dtype)
-    fn(
-        _ptr(poses), _ptr(tiled), _ptr(offset), _ptr(a_in), _ptr(beta_u), _ptr(beta_a),
-        (ctypes.c_double * iters)(*lambdas), iters, _ptr(child_index), _ptr(parent_count),
-        num_children, n, l, s, j, q, var_floor, sum_floor,
+    _function("route_forward", poses.dtype)(
+        *problem.arguments(),
         _ptr(votes), _ptr(shift), _ptr(assignments), _ptr(variance), _ptr(slot_a),
         _ptr(slot_b), _ptr(child_a), _ptr(child_b), _ptr(out_poses), _ptr(out_logit), tape_ptrs,
     )  # fmt: skip
@@ -293,18 +320,7 @@ def exp_lanes(x: torch.Tensor) -> torch.Tensor:
 
 
 def route_backward(
-    child_poses: torch.Tensor,
-    tiled: torch.Tensor,
-    offset: torch.Tensor | None,
-    activations_in: torch.Tensor,
-    beta_u: torch.Tensor,
-    beta_a: torch.Tensor,
-    lambdas: list[float],
-    child_index: torch.Tensor | None,
-    parent_count: torch.Tensor | None,
-    num_children: int,
-    var_floor: float,
-    sum_floor: float,
+    problem: RoutingProblem,
     tape: list[torch.Tensor],
     grad_poses: torch.Tensor | None,
     grad_logit: torch.Tensor | None,
@@ -313,19 +329,12 @@ def route_backward(
     """Gradients of route_forward from its tape, for one chunk: (poses (N, L, S, 16),
     transforms (S, J, q, q), activations_in (N, L, S), β_u (J,), β_a (J,), offset (S, 16) or
     None). The votes are recomputed; their gradient is formed vote by vote, never stored."""
-    n, l, s, h = child_poses.shape
-    j, q = tiled.shape[1], tiled.shape[2]
-    poses = child_poses.contiguous()
-    dtype = poses.dtype
-    offset = None if offset is None else offset.to(dtype).contiguous()
-    a_in = activations_in.to(dtype).contiguous()
-    beta_u, beta_a = beta_u.to(dtype).contiguous(), beta_a.to(dtype).contiguous()
-    if child_index is not None:
-        child_index = child_index.to(torch.int64).contiguous()
-        parent_count = parent_count.to(dtype).contiguous()
+    n, l, s, h, j, q = problem.shape
+    poses, tiled, dtype = problem.child_poses, problem.tiled, problem.child_poses.dtype
+    num_children = problem.num_children
     g_poses = None if grad_poses is None else grad_poses.to(dtype).contiguous()
     g_logit = None if grad_logit is None else grad_logit.to(dtype).contiguous()
-    iters = len(lambdas)
+    iters = len(problem.lambdas)
     records = 2 * iters - 1
     threads = torch.get_num_threads()
     if q == 4:  # wcol[s, j, c, (r, k)] = W[s, j, k, c]: W's column c spread over the rows r
@@ -351,11 +360,8 @@ def route_backward(
     gp_work = poses.new_empty(threads, s, h)
     tape_ptrs = (ctypes.c_void_p * len(tape))(*[_ptr(t) for t in tape])
     coef_ptrs = (ctypes.c_void_p * records)(*[_ptr(c) for c in coefs])
-    fn = _function("route_backward", dtype)
-    fn(
-        _ptr(poses), _ptr(tiled), _ptr(offset), _ptr(a_in), _ptr(beta_u), _ptr(beta_a),
-        (ctypes.c_double * iters)(*lambdas), iters, _ptr(child_index), _ptr(parent_count),
-        num_children, n, l, s, j, q, var_floor, sum_floor,
+    _function("route_backward", dtype)(
+        *problem.arguments(),
         tape_ptrs, _ptr(g_poses), _ptr(g_logit), _ptr(votes), _ptr(shift), _ptr(rowbuf),
         _ptr(grad_assign), _ptr(slot), _ptr(child), coef_ptrs, _ptr(v_coefs), _ptr(constants),
         _ptr(grad_a), _ptr(grad_bu_rows), _ptr(grad_ba_rows), _ptr(wmat), threads,

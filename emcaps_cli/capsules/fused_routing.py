@@ -214,25 +214,31 @@ class _CVotes:
     @staticmethod
     def forward(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape):
         """The whole chunk in one C call (votes and every iteration of Procedure 1)."""
-        cmap = spec.child_map
-        poses, logit, taped = cpu_kernels.route_forward(
-            child_poses,
-            prepared,
-            vote_offset,
-            activations_in,
-            beta_u,
-            beta_a,
-            inverse_temperatures(spec.iters, spec.final_lambda),
-            None if cmap is None else cmap.index,
-            None if cmap is None else cmap.parent_count,
-            0 if cmap is None else cmap.num_children,
-            VAR_FLOOR,
-            SUM_FLOOR,
-            tape is not None,
+        problem = _c_problem(
+            child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec
         )
+        poses, logit, taped = cpu_kernels.route_forward(problem, tape is not None)
         if tape is not None:
             tape.extend(taped)
         return poses, logit
+
+
+def _c_problem(child_poses, tiled, activations_in, beta_u, beta_a, vote_offset, spec):
+    cmap = spec.child_map
+    return cpu_kernels.RoutingProblem(
+        child_poses,
+        tiled,
+        vote_offset,
+        activations_in,
+        beta_u,
+        beta_a,
+        inverse_temperatures(spec.iters, spec.final_lambda),
+        None if cmap is None else cmap.index,
+        None if cmap is None else cmap.parent_count,
+        0 if cmap is None else cmap.num_children,
+        VAR_FLOOR,
+        SUM_FLOOR,
+    )
 
 
 def _centred_votes(child_poses, matrix, vote_offset):
@@ -326,25 +332,8 @@ def _c_backward_chunk(
     need_offset,
 ):
     """The same gradients from the C kernels' hand-written backward of the whole chunk."""
-    cmap = spec.child_map
-    return cpu_kernels.route_backward(
-        child_poses,
-        prepared,
-        vote_offset,
-        activations_in,
-        beta_u,
-        beta_a,
-        inverse_temperatures(spec.iters, spec.final_lambda),
-        None if cmap is None else cmap.index,
-        None if cmap is None else cmap.parent_count,
-        0 if cmap is None else cmap.num_children,
-        VAR_FLOOR,
-        SUM_FLOOR,
-        tape,
-        grad_poses,
-        grad_logit,
-        need_offset,
-    )
+    problem = _c_problem(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec)
+    return cpu_kernels.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
 
 
 def _slice_batch(inputs: tuple, part: slice) -> tuple:
