@@ -71,10 +71,15 @@ def use_c_kernels(like: torch.Tensor) -> bool:
         if choice == "c":
             raise KernelsUnavailable(f"the C kernels take float32 or float64, not {like.dtype}")
         return False
+    return _loads(choice == "c")
+
+
+@torch.compiler.disable  # file system and ctypes: not for torch.compile to trace
+def _loads(required: bool) -> bool:
     try:
         library()
     except KernelsUnavailable as err:
-        if choice == "c":
+        if required:
             raise
         _warn_once(f"emcaps: using the slower PyTorch routing kernels ({err})")
         return False

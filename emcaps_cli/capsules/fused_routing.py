@@ -423,10 +423,16 @@ def route(
             inputs = [child_poses, transforms, activations_in, beta_u, beta_a, vote_offset]
             inputs = [_at_least_float32(t) for t in inputs]
             return route(*inputs[:5], spec, inputs[5])
-    poses, logit = _FusedRouting.apply(
-        child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec
-    )
+    apply = _apply_c if cpu_kernels.use_c_kernels(child_poses) else _FusedRouting.apply
+    poses, logit = apply(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
     return poses, torch.sigmoid(logit)
+
+
+@torch.compiler.disable
+def _apply_c(*inputs):
+    """_FusedRouting on the C kernels, which torch.compile cannot trace (ctypes): under
+    `--compile` the graph is cut here and this part runs eagerly, without a warning per call."""
+    return _FusedRouting.apply(*inputs)
 
 
 def _at_least_float32(t: torch.Tensor | None) -> torch.Tensor | None:
