@@ -63,6 +63,17 @@ def test_fused_gradcheck(kernels):
     assert torch.autograd.gradcheck(lambda *x: route(*x, spec), args, eps=1e-6, atol=1e-5)
 
 
+def test_fused_gradcheck_exact_routing_with_offset(kernels):
+    (poses, transforms, acts, beta_u, beta_a), offset, spec = problem("matrix", True, True)
+    poses, acts = poses[:1], acts[:1]  # one image, every parent position (children shared)
+    spec = RoutingSpec(2, 1.0, spec.child_map, 4, 4)
+    args = (poses, transforms, acts, beta_u, beta_a, offset)
+    args = tuple(t.clone().requires_grad_(True) for t in args)
+    assert torch.autograd.gradcheck(
+        lambda p, w, a, bu, ba, o: route(p, w, a, bu, ba, spec, o), args, eps=1e-6, atol=1e-5
+    )
+
+
 def test_fused_gradient_when_only_activations_are_used(kernels):
     inputs, _, spec = problem("matrix", True, False)
     a = [t.clone().requires_grad_(True) for t in inputs]

@@ -64,7 +64,7 @@ def small_conv_layer(routing, stride, pose="matrix", in_types=2, out_types=3, se
 
 @pytest.mark.parametrize("stride,side", [(1, 5), (2, 7)])
 @pytest.mark.parametrize("pose", ["matrix", "vector"])
-def test_exact_conv_routing_matches_reference_over_whole_grid(stride, side, pose):
+def test_exact_conv_routing_matches_reference_over_whole_grid(stride, side, pose, kernels):
     layer = small_conv_layer("exact", stride, pose)
     g = torch.Generator().manual_seed(1)
     poses = torch.randn(1, side, side, 2, 16, generator=g, dtype=D)
@@ -87,7 +87,7 @@ def test_exact_conv_routing_matches_reference_over_whole_grid(stride, side, pose
 
 
 @pytest.mark.parametrize("stride,side", [(1, 5), (2, 7)])
-def test_patch_conv_routing_matches_reference_patch_by_patch(stride, side):
+def test_patch_conv_routing_matches_reference_patch_by_patch(stride, side, kernels):
     layer = small_conv_layer("patch", stride)
     g = torch.Generator().manual_seed(2)
     poses = torch.randn(1, side, side, 2, 16, generator=g, dtype=D)
