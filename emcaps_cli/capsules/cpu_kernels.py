@@ -1,11 +1,13 @@
-"""C kernels for the vote-sized work of EM routing on the CPU (source: cpu_kernels.c).
+"""C kernels for EM routing on the CPU (source: cpu_kernels.c).
 
-The PyTorch path (`routing.VoteOps`) makes one pass over memory per vote-sized operation and
-keeps v² next to v; these kernels compute the votes straight into the routing layout, read them
-once per routing pass (v² on the fly) and assemble the vote gradient without storing it.
+`route_forward` computes a chunk's votes straight into the routing layout and runs every
+iteration of Procedure 1 on them, reading each vote once per pass (v² formed on the fly) while
+the chunk's votes sit in cache; `route_backward` is its hand-written backward, down to the
+gradients of the poses and W, with the vote gradient never stored. The PyTorch path
+(`routing.VoteOps`) makes one pass over memory per vote-sized operation and keeps v² next to v.
 
 The source is compiled on first use with the system C compiler (`$CC`, else `cc`) at
-`-O3 -march=native` and cached under `$EMCAPS_KERNEL_CACHE` (default
+`-O3 -march=native -fopenmp` and cached under `$EMCAPS_KERNEL_CACHE` (default
 `~/.cache/emcaps/kernels`), keyed by the source, compiler, flags and CPU, and called through
 ctypes. The kernels split their loops with OpenMP; they bind to the OpenMP runtime PyTorch has
 already loaded, so they run on PyTorch's threads (`torch.set_num_threads`).

@@ -3,20 +3,25 @@
 Plain autograd keeps several vote-sized tensors per routing iteration alive for the backward
 pass (the conv-capsule vote tensor of the paper model is ~680 MB at batch 32) and writes one
 vote-sized gradient per use of the votes. Here the forward pass keeps only the child poses and
-transforms. The backward pass
+transforms, plus (when a gradient will be asked for) a tape of small per-parent results. Every
+use of the votes is linear in v or in v², so the vote gradient has the form
+dL/dv = v ⊙ (A @ B) + A @ C with A (…, S, T) and B, C (…, T, H) built from T small records.
 
-1. recomputes the votes,
-2. replays the routing loop under autograd with the vote-reading operations (`VoteOps`)
-   replaced by functions that pass gradients to the small tensors and *record* their
-   coefficients instead of writing vote-sized gradients,
-3. assembles the vote gradient once: every use of the votes is linear in v or in v², so
-   dL/dv = v ⊙ (A @ B) + A @ C with A (…, S, T) and B, C (…, T, H) stacked from the records,
-4. maps it to the poses and transforms.
+Two implementations, chosen per call (`cpu_kernels.use_c_kernels`):
+
+* `_CVotes` — CPU, float32/float64: one C call per chunk runs votes and all of Procedure 1; a
+  hand-written C backward recomputes the votes, derives the records and maps the vote gradient
+  to poses and W vote by vote, never storing it (cpu_kernels.c).
+* `_TorchVotes` — any device (CUDA always): the backward recomputes the votes, replays the
+  routing loop under autograd with the vote-reading operations (`VoteOps`) replaced by
+  functions that pass gradients to the small tensors and *record* their coefficients (their
+  forward results come from the tape), assembles dL/dv once and maps it to the poses and W.
 
 The batch is taken in chunks of images (routing is independent per image) so that one chunk's
-vote tensor stays under VOTE_CHUNK_ELEMENTS, in forward and backward alike.
+vote tensor stays under VOTE_CHUNK_ELEMENTS (C_VOTE_CHUNK_ELEMENTS on the C kernels), in forward
+and backward alike.
 
-The result equals plain autograd through `routing.em_routing` (tested in float64).
+Both equal plain autograd through `routing.em_routing` (tested in float64).
 """
 
 from __future__ import annotations
