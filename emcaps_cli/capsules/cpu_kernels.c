@@ -26,7 +26,7 @@
  */
 #ifndef REAL
 
-#include <math.h>
+#include <tgmath.h> /* log, exp, log1p of the working precision: logf for float */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -318,7 +318,8 @@ static inline REAL NAME(log_sigmoid)(REAL x)
  * a_in (B, S); beta_u, beta_a (J); lambdas (iters) the inverse temperatures.
  * child_index (L·S) and parent_count (L·S) for exact routing (children normalised over every
  * parent that holds them, ids < num_children per image), or NULL: softmax over the J types.
- * Work buffers: R (B·J, S), var (B·J, 16), slot_a/slot_b (B, S), child_a/child_b (N, C).
+ * Work buffers: R (B·J, S), var (B·J, 16), log_sigmas (B·J), slot_a/slot_b (B, S),
+ * child_a/child_b (N, C).
  * Out: poses (B·J, 16) = μ + c, logit (B·J) = λ(β_a − cost).
  * Clamps are written so that NaN passes through them (as in PyTorch's clamp_min): a NaN in the
  * input must reach the outputs, where the training loop's NaN guard sees it.
@@ -330,7 +331,8 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                          const double *lambdas, int64_t iters, const int64_t *child_index,
                          const REAL *parent_count, int64_t num_children, int64_t N, int64_t L,
                          int64_t S, int64_t J, int64_t Q, double var_floor, double sum_floor,
-                         REAL *votes, REAL *shift, REAL *R, REAL *var, REAL *slot_a,
+                         REAL *votes, REAL *shift, REAL *R, REAL *var, REAL *log_sigmas,
+                         REAL *slot_a,
                          REAL *slot_b, REAL *child_a, REAL *child_b, REAL *poses_out,
                          REAL *logit_out, REAL *const *tape)
 {
@@ -373,6 +375,7 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                 /* centred μ into poses_out until the end */
                 NAME(m_finish)(amount, s1, s2, var_floor, sum_floor, &div, poses_out + r * H, vraw,
                                var + r * H, &log_sigma);
+                log_sigmas[r] = log_sigma; /* the E-step's normaliser, Σ_h log σ */
                 const REAL cost = amount * ((REAL)H * beta_u[j] + log_sigma);
                 logit_out[r] = lam * (beta_a[j] - cost);
             }
@@ -382,14 +385,14 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 const REAL *v = votes + r * S * H;
-                REAL iv[H], lin[H], constant = 0, log_norm = log_2pi_half;
+                REAL iv[H], lin[H], constant = 0;
                 for (int h = 0; h < H; ++h) {
-                    const REAL mean = poses_out[r * H + h], vr = var[r * H + h];
-                    iv[h] = (REAL)1 / vr;
+                    const REAL mean = poses_out[r * H + h];
+                    iv[h] = (REAL)1 / var[r * H + h];
                     lin[h] = (REAL)-2 * (mean * iv[h]);
                     constant += mean * mean * iv[h];
-                    log_norm += (REAL)0.5 * log(vr);
                 }
+                const REAL log_norm = log_sigmas[r] + log_2pi_half;
                 const VEC c = NAME(load)(shift + r * H), q = NAME(load)(iv), l = NAME(load)(lin);
                 const REAL base = NAME(log_sigmoid)(logit_out[r]) - log_norm;
                 REAL *out = R + r * S;
@@ -485,7 +488,7 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
  * (B·J, S) with vcoef/constant (B·J, 2T − 1, 16) (M-step t is record t, E-step t record T + t),
  * and the last M-step pass (t = 0), when all records are known, forms it vote by vote and maps
  * it to the poses and W. wmat: W column-spread (Q = 4: wmat[s, j, c][(r, k)] = W[s, j, k, c])
- * or W itself (Q = 16). Work buffers: rowbuf (B·J, 3·16 + 1), gR (B·J, S), slot (B, S),
+ * or W itself (Q = 16). Work buffers: rowbuf (B·J, 2·16 + 1), gR (B·J, S), slot (B, S),
  * child (N, C), gp_threads (threads, S, Q·16). */
 void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offset,
                           const REAL *a_in, const REAL *beta_u, const REAL *beta_a,
@@ -500,7 +503,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                           REAL *grad_off_threads, REAL *gp_threads)
 {
     const int64_t B = N * L, rows = B * J, C = num_children, T = iters, K = 2 * iters - 1;
-    const int RW = 3 * H + 1; /* rowbuf: g_mu (16), g_var (16), spare (16), g_logit (1) */
+    const int RW = 2 * H + 1; /* rowbuf: g_mu (16), g_var (16), g_logit (1) */
     const int64_t WQ = Q * Q, GQ = Q * H; /* per (slot, type) entries of dW; of wmat */
 #pragma omp parallel num_threads(threads)
     {
@@ -516,7 +519,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                 rb[h] = g_poses ? g_poses[r * H + h] : 0;
                 rb[H + h] = 0;
             }
-            rb[3 * H] = g_logit ? g_logit[r] : 0;
+            rb[2 * H] = g_logit ? g_logit[r] : 0;
             grad_bu[r] = grad_ba[r] = 0;
         }
         for (int64_t t = T - 1; t >= 0; --t) {
@@ -543,7 +546,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                     NAME(m_row)(assign, ab, S, tape[t] + r * H, tape[T + t] + r * H, var_floor,
                                 sum_floor, &A, &D, mean, vraw, var, &ls);
                     REAL *rb = rowbuf + r * RW;
-                    const REAL gl = rb[3 * H];
+                    const REAL gl = rb[2 * H];
                     const REAL g_cost = -lam * gl;
                     grad_ba[r] += lam * gl;
                     REAL gA = g_cost * ((REAL)H * beta_u[j] + ls);
@@ -699,7 +702,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                     memcpy(P2, &p2, sizeof P2);
                     REAL *rb = rowbuf + r * RW;
                     const REAL sig = (REAL)1 / ((REAL)1 + exp(logit)); /* logsigmoid' = σ(−x) */
-                    rb[3 * H] = sum_gl * sig;
+                    rb[2 * H] = sum_gl * sig;
                     for (int h = 0; h < H; ++h) {
                         const REAL gm = -2 * P1[h];
                         REAL giv = P2[h] + mean[h] * mean[h] * gK + gm * mean[h];

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
+from emcaps_cli.capsules.votes import POSE_SIZE
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
 BACKENDS = ("auto", "c", "torch")
-POSE_SIZE = 16
 
 _backend = os.environ.get("EMCAPS_KERNELS", "auto")
 _library: ctypes.CDLL | None = None
@@ -169,7 +170,7 @@ def _load() -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         getattr(lib, f"votes_{suffix}").argtypes = [ptr] * 3 + [i64] * 5 + [ptr] * 2
         getattr(lib, f"route_forward_{suffix}").argtypes = (
-            [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 11
+            [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 12
         )
         getattr(lib, f"exp_lanes_{suffix}").argtypes = [ptr, i64, ptr]
         getattr(lib, f"route_backward_{suffix}").argtypes = (
@@ -184,11 +185,6 @@ def _function(name: str, dtype: torch.dtype):
     return getattr(library(), f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
 
 
-def _call(fn, total: int, head: tuple, tail: tuple) -> None:
-    """fn(*head, 0, total, *tail): the kernel splits [0, total) over OpenMP threads itself."""
-    fn(*head, 0, total, *tail)
-
-
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
@@ -199,11 +195,30 @@ def tile_transforms(transforms: torch.Tensor) -> torch.Tensor:
     return transforms.repeat(1, 1, 1, POSE_SIZE // q).contiguous()
 
 
-def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
-    """A flat buffer of at least `numel` entries, reused by every votes() call of this thread.
+class PreparedTransforms:
+    """W of a layer in the two arrangements the kernels read, made once per layer call.
 
-    Routing chunks run one after another and each needs its votes only until it ends, so one
-    buffer serves them all; a fresh 64 MB tensor per chunk cost more in first-touch page faults
+    tiled (S, J, q, 16): for the votes (see tile_transforms). columns (S, J, q, 16): for the
+    backward; matrix poses: columns[s, j, c, (r, k)] = W[s, j, k, c], W's column c spread over
+    the rows r; vector poses: W itself (= tiled).
+    """
+
+    def __init__(self, transforms: torch.Tensor) -> None:
+        s, j, q, _ = transforms.shape
+        self.tiled = tile_transforms(transforms)
+        if q == 4:
+            spread = transforms.transpose(-1, -2).unsqueeze(-2).expand(s, j, q, q, q)
+            self.columns = spread.reshape(s, j, q, POSE_SIZE).contiguous()
+        else:
+            self.columns = self.tiled
+
+
+def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer of at least `numel` entries for a chunk's votes, shared by every kernel
+    call of this thread.
+
+    Routing chunks run one after another and each needs its votes only until its call ends, so
+    one buffer serves them all; a fresh 64 MB tensor per chunk cost more in first-touch page faults
     (~65 ms each, measured) than computing the votes (~3 ms)."""
     buffers = _local.__dict__.setdefault("buffers", {})
     buf = buffers.get(like.dtype)
@@ -220,16 +235,18 @@ def votes(
     """child_poses (N, L, S, 16), tiled (S, J, q, 16), offset (S, 16) or None ->
     votes (N, L, J, S, 16) and their unweighted mean per parent (N, L, J, 1, 16).
 
-    The kernels below take both and work on the centred votes (votes − mean). The votes live in
-    a per-thread workspace: they are valid until the next call of votes() in the same thread."""
+    route_forward and route_backward compute the votes themselves; this entry point is for the
+    tests of the vote math. The votes live in the per-thread workspace: they are valid until the
+    next kernel call in the same thread."""
     n, l, s, h = child_poses.shape
     j, q = tiled.shape[1], tiled.shape[2]
     poses = child_poses.contiguous()
     offset = None if offset is None else offset.to(poses.dtype).contiguous()
     out = _workspace(n * l * j * s * h, poses).view(n, l, j, s, h)
     shift = poses.new_empty(n, l, j, 1, h)
-    fn = _function("votes", poses.dtype)
-    _call(fn, n * l, (_ptr(poses), _ptr(tiled), _ptr(offset), s, j, q), (_ptr(out), _ptr(shift)))
+    _function("votes", poses.dtype)(
+        _ptr(poses), _ptr(tiled), _ptr(offset), s, j, q, 0, n * l, _ptr(out), _ptr(shift)
+    )
     return out, shift
 
 
@@ -237,13 +254,13 @@ def votes(
 class RoutingProblem:
     """One chunk's routing inputs, as both C calls take them (the same first 18 arguments).
 
-    child_poses (N, L, S, 16), tiled (S, J, q, 16) from tile_transforms, offset (S, 16) or None,
+    child_poses (N, L, S, 16), W as PreparedTransforms, offset (S, 16) or None,
     activations_in (N, L, S), β (J,), lambdas one inverse temperature per iteration,
     child_index and parent_count (L*S,) for exact routing or None, the two numeric floors.
     """
 
     child_poses: torch.Tensor
-    tiled: torch.Tensor
+    transforms: PreparedTransforms
     offset: torch.Tensor | None
     activations_in: torch.Tensor
     beta_u: torch.Tensor
@@ -270,13 +287,14 @@ class RoutingProblem:
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
         """(N, L, S, 16, J, q)."""
-        return (*self.child_poses.shape, self.tiled.shape[1], self.tiled.shape[2])
+        tiled = self.transforms.tiled
+        return (*self.child_poses.shape, tiled.shape[1], tiled.shape[2])
 
     def arguments(self) -> tuple:
         n, l, s, _, j, q = self.shape
         iters = len(self.lambdas)
         return (
-            _ptr(self.child_poses), _ptr(self.tiled), _ptr(self.offset),
+            _ptr(self.child_poses), _ptr(self.transforms.tiled), _ptr(self.offset),
             _ptr(self.activations_in), _ptr(self.beta_u), _ptr(self.beta_a),
             (ctypes.c_double * iters)(*self.lambdas), iters,
             _ptr(self.child_index), _ptr(self.parent_count), self.num_children,
@@ -299,7 +317,7 @@ def route_forward(
     votes = _workspace(n * l * j * s * h, poses)
     shift = poses.new_empty(n, l, j, 1, h)
     assignments = poses.new_empty(n, l, j, s)
-    variance = poses.new_empty(n, l, j, h)
+    variance, log_sigmas = poses.new_empty(n, l, j, h), poses.new_empty(n, l, j)
     slot_a, slot_b = poses.new_empty(n, l, s), poses.new_empty(n, l, s)
     child_a, child_b = poses.new_empty(n, children), poses.new_empty(n, children)
     out_poses, out_logit = poses.new_empty(n, l, j, h), poses.new_empty(n, l, j)
@@ -311,7 +329,8 @@ def route_forward(
     tape_ptrs = None if tape is None else (ctypes.c_void_p * len(tape))(*[_ptr(t) for t in tape])
     _function("route_forward", poses.dtype)(
         *problem.arguments(),
-        _ptr(votes), _ptr(shift), _ptr(assignments), _ptr(variance), _ptr(slot_a),
+        _ptr(votes), _ptr(shift), _ptr(assignments), _ptr(variance), _ptr(log_sigmas),
+        _ptr(slot_a),
         _ptr(slot_b), _ptr(child_a), _ptr(child_b), _ptr(out_poses), _ptr(out_logit), tape_ptrs,
     )  # fmt: skip
     return out_poses, out_logit, tape
@@ -337,22 +356,16 @@ def route_backward(
     transforms (S, J, q, q), activations_in (N, L, S), β_u (J,), β_a (J,), offset (S, 16) or
     None). The votes are recomputed; their gradient is formed vote by vote, never stored."""
     n, l, s, h, j, q = problem.shape
-    poses, tiled, dtype = problem.child_poses, problem.tiled, problem.child_poses.dtype
+    poses, dtype = problem.child_poses, problem.child_poses.dtype
     num_children = problem.num_children
     g_poses = None if grad_poses is None else grad_poses.to(dtype).contiguous()
     g_logit = None if grad_logit is None else grad_logit.to(dtype).contiguous()
     iters = len(problem.lambdas)
     records = 2 * iters - 1
     threads = torch.get_num_threads()
-    if q == 4:  # wcol[s, j, c, (r, k)] = W[s, j, k, c]: W's column c spread over the rows r
-        w = tiled[..., :q]  # (S, J, 4, 4)
-        wmat = w.transpose(-1, -2).unsqueeze(-2).expand(s, j, q, q, q).reshape(s, j, q, h)
-        wmat = wmat.contiguous()
-    else:
-        wmat = tiled  # vector poses: tiled is W itself
     votes = _workspace(n * l * j * s * h, poses)
     shift = poses.new_empty(n, l, j, 1, h)
-    rowbuf = poses.new_empty(n * l * j, 3 * h + 1)
+    rowbuf = poses.new_empty(n * l * j, 2 * h + 1)
     grad_assign = poses.new_empty(n, l, j, s)
     slot = poses.new_empty(n, l, s)
     child = poses.new_empty(n, max(num_children, 1))
@@ -371,8 +384,8 @@ def route_backward(
         *problem.arguments(),
         tape_ptrs, _ptr(g_poses), _ptr(g_logit), _ptr(votes), _ptr(shift), _ptr(rowbuf),
         _ptr(grad_assign), _ptr(slot), _ptr(child), coef_ptrs, _ptr(v_coefs), _ptr(constants),
-        _ptr(grad_a), _ptr(grad_bu_rows), _ptr(grad_ba_rows), _ptr(wmat), threads,
-        _ptr(grad_child), _ptr(grad_w), _ptr(grad_off), _ptr(gp_work),
+        _ptr(grad_a), _ptr(grad_bu_rows), _ptr(grad_ba_rows), _ptr(problem.transforms.columns),
+        threads, _ptr(grad_child), _ptr(grad_w), _ptr(grad_off), _ptr(gp_work),
     )  # fmt: skip
     return (
         grad_child,

@@ -27,6 +27,7 @@ Both equal plain autograd through `routing.em_routing` (tested in float64).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -172,40 +173,88 @@ class _Quadratic(torch.autograd.Function):
         return weighted_v2, -2.0 * weighted_v, None
 
 
+class _Chunk(NamedTuple):
+    """One slice of the batch, as both implementations take it."""
+
+    child_poses: torch.Tensor  # (n, L, S, 16)
+    prepared: Any  # W as the implementation's `prepare` arranged it
+    activations_in: torch.Tensor  # (n, L, S)
+    beta_u: torch.Tensor  # (J,)
+    beta_a: torch.Tensor  # (J,)
+    vote_offset: torch.Tensor | None  # (S, 16)
+    spec: RoutingSpec
+
+
 class _TorchVotes:
-    """Votes and their backward in PyTorch ops (any device): votes as one block-diagonal matmul
-    per slot, v and v² stored for the routing passes."""
+    """Votes and routing in PyTorch ops (any device): votes as one block-diagonal matmul per
+    slot, v and v² stored for the routing passes, the backward replayed under autograd."""
+
+    @staticmethod
+    def chunk_budget() -> int:
+        return VOTE_CHUNK_ELEMENTS  # read at call time: the benchmark sets it
 
     @staticmethod
     def prepare(transforms, spec):
         return vote_matrix(transforms, spec.rows)  # (S, 16, J*16)
 
     @staticmethod
-    def ops(child_poses, prepared, vote_offset):
-        centred, shift = _centred_votes(child_poses, prepared, vote_offset)
+    def ops(chunk: _Chunk) -> tuple[VoteOps, torch.Tensor]:
+        centred, shift = _centred_votes(chunk.child_poses, chunk.prepared, chunk.vote_offset)
         return VoteOps(centred, centred * centred), shift
 
     @staticmethod
-    def forward(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape):
+    def forward(chunk: _Chunk, tape):
         """Votes and routing of one chunk: (poses (n, L, J, H), logits (n, L, J))."""
-        ops, shift = _TorchVotes.ops(child_poses, prepared, vote_offset)
+        ops, shift = _TorchVotes.ops(chunk)
         if tape is not None:
             ops = _TapedVoteOps(ops, tape)
+        spec = chunk.spec
         mean, logit, _ = routing_iterations(
-            ops, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
+            ops,
+            chunk.activations_in,
+            chunk.beta_u,
+            chunk.beta_a,
+            spec.iters,
+            spec.final_lambda,
+            spec.child_map,
         )
         return mean + shift.squeeze(3), logit
 
     @staticmethod
-    def backward(child_poses, transforms, prepared, ops, spec, need_offset):
-        ops.base.v2 = None  # free before the vote-sized gradient is built
-        grad_votes = ops.vote_gradient()  # (n, L, J, S, H)
-        ops.base.v = ops.v = None
-        grad_offset = grad_votes.sum(dim=(0, 1, 2)) if need_offset else None
-        grad_child, grad_transforms = vote_backward(
-            grad_votes, child_poses, transforms, spec.rows, spec.row_len
-        )
-        return grad_child, grad_transforms, grad_offset
+    def backward(chunk: _Chunk, tape, transforms, grad_poses, grad_logit, need_offset):
+        """Gradients for one chunk: (poses, transforms, a_in, β_u, β_a, offset).
+
+        Replays the routing loop under autograd with the vote-reading operations recording the
+        vote gradient's coefficients (taking their forward results from the tape), then builds
+        the vote gradient once and maps it to the poses and W."""
+        spec = chunk.spec
+        with torch.no_grad():
+            base, _ = _TorchVotes.ops(chunk)
+            ops = _RecordingVoteOps(base, tape)
+        with torch.enable_grad():
+            small = [
+                t.detach().requires_grad_(True)
+                for t in (chunk.activations_in, chunk.beta_u, chunk.beta_a)
+            ]
+            mean, logit, _ = routing_iterations(
+                ops, *small, spec.iters, spec.final_lambda, spec.child_map
+            )
+            outputs, grads = [], []
+            for out, grad in ((mean, grad_poses), (logit, grad_logit)):
+                if grad is not None:
+                    outputs.append(out)
+                    grads.append(grad)
+            small_grads = torch.autograd.grad(outputs, small, grads, allow_unused=True)
+        del base
+        with torch.no_grad():
+            ops.base.v2 = None  # free before the vote-sized gradient is built
+            grad_votes = ops.vote_gradient()  # (n, L, J, S, H)
+            ops.base.v = ops.v = None
+            grad_offset = grad_votes.sum(dim=(0, 1, 2)) if need_offset else None
+            grad_child, grad_transforms = vote_backward(
+                grad_votes, chunk.child_poses, transforms, spec.rows, spec.row_len
+            )
+        return (grad_child, grad_transforms, *small_grads, grad_offset)
 
 
 class _CVotes:
@@ -213,37 +262,45 @@ class _CVotes:
     backward, the votes recomputed there and their gradient never stored."""
 
     @staticmethod
-    def prepare(transforms, spec):
-        return cpu_kernels.tile_transforms(transforms)  # (S, J, q, 16)
+    def chunk_budget() -> int:
+        return C_VOTE_CHUNK_ELEMENTS
 
     @staticmethod
-    def forward(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape):
-        """The whole chunk in one C call (votes and every iteration of Procedure 1)."""
-        problem = _c_problem(
-            child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec
+    def prepare(transforms, spec):
+        return cpu_kernels.PreparedTransforms(transforms)
+
+    @staticmethod
+    def problem(chunk: _Chunk) -> cpu_kernels.RoutingProblem:
+        spec, cmap = chunk.spec, chunk.spec.child_map
+        return cpu_kernels.RoutingProblem(
+            chunk.child_poses,
+            chunk.prepared,
+            chunk.vote_offset,
+            chunk.activations_in,
+            chunk.beta_u,
+            chunk.beta_a,
+            inverse_temperatures(spec.iters, spec.final_lambda),
+            None if cmap is None else cmap.index,
+            None if cmap is None else cmap.parent_count,
+            0 if cmap is None else cmap.num_children,
+            VAR_FLOOR,
+            SUM_FLOOR,
         )
-        poses, logit, taped = cpu_kernels.route_forward(problem, tape is not None)
+
+    @staticmethod
+    def forward(chunk: _Chunk, tape):
+        """The whole chunk in one C call (votes and every iteration of Procedure 1)."""
+        poses, logit, taped = cpu_kernels.route_forward(_CVotes.problem(chunk), tape is not None)
         if tape is not None:
             tape.extend(taped)
         return poses, logit
 
-
-def _c_problem(child_poses, tiled, activations_in, beta_u, beta_a, vote_offset, spec):
-    cmap = spec.child_map
-    return cpu_kernels.RoutingProblem(
-        child_poses,
-        tiled,
-        vote_offset,
-        activations_in,
-        beta_u,
-        beta_a,
-        inverse_temperatures(spec.iters, spec.final_lambda),
-        None if cmap is None else cmap.index,
-        None if cmap is None else cmap.parent_count,
-        0 if cmap is None else cmap.num_children,
-        VAR_FLOOR,
-        SUM_FLOOR,
-    )
+    @staticmethod
+    def backward(chunk: _Chunk, tape, transforms, grad_poses, grad_logit, need_offset):
+        """The same gradients as _TorchVotes.backward, from the C kernels' hand-written backward
+        of the whole chunk."""
+        problem = _CVotes.problem(chunk)
+        return cpu_kernels.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
 
 
 def _centred_votes(child_poses, matrix, vote_offset):
@@ -257,14 +314,16 @@ def _centred_votes(child_poses, matrix, vote_offset):
 
 
 def _chunks(
-    child_poses: torch.Tensor, transforms: torch.Tensor, spec: RoutingSpec, on_c: bool = False
+    child_poses: torch.Tensor,
+    transforms: torch.Tensor,
+    spec: RoutingSpec,
+    default_budget: int = VOTE_CHUNK_ELEMENTS,
 ) -> list[slice]:
     """Slices of the batch routed one after another (routing is independent per image), each
-    with at most `chunk_elements` vote entries (but at least one image), as even as possible.
-    Peak memory then no longer grows with the batch."""
+    with at most `chunk_elements` vote entries (spec's, else `default_budget`; at least one
+    image), as even as possible. Peak memory then no longer grows with the batch."""
     n, l, s, h = child_poses.shape
-    default = C_VOTE_CHUNK_ELEMENTS if on_c else VOTE_CHUNK_ELEMENTS
-    budget = default if spec.chunk_elements is None else spec.chunk_elements
+    budget = default_budget if spec.chunk_elements is None else spec.chunk_elements
     per_image = l * s * transforms.shape[1] * h
     largest = n if budget == 0 else max(1, min(n, budget // per_image))
     count = -(-n // largest)
@@ -272,79 +331,15 @@ def _chunks(
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _forward_chunk(
-    child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind, tape
-):
-    return kind.forward(
-        child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, tape
-    )
-
-
-def _torch_backward_chunk(
-    child_poses,
-    prepared,
-    activations_in,
-    beta_u,
-    beta_a,
-    vote_offset,
-    spec,
-    kind,
-    tape,
-    transforms,
-    grad_poses,
-    grad_logit,
-    need_offset,
-):
-    """Gradients for one slice of the batch: (poses, transforms, a_in, β_u, β_a, offset).
-
-    Replays the routing loop under autograd with the vote-reading operations recording the
-    vote gradient's coefficients (taking their forward results from the tape)."""
-    with torch.no_grad():
-        base, _ = kind.ops(child_poses, prepared, vote_offset)
-        ops = _RecordingVoteOps(base, tape)
-    with torch.enable_grad():
-        small = [t.detach().requires_grad_(True) for t in (activations_in, beta_u, beta_a)]
-        mean, logit, _ = routing_iterations(
-            ops, *small, spec.iters, spec.final_lambda, spec.child_map
-        )
-        outputs, grads = [], []
-        for out, grad in ((mean, grad_poses), (logit, grad_logit)):
-            if grad is not None:
-                outputs.append(out)
-                grads.append(grad)
-        small_grads = torch.autograd.grad(outputs, small, grads, allow_unused=True)
-    del base
-    with torch.no_grad():
-        grad_child, grad_transforms, grad_offset = kind.backward(
-            child_poses, transforms, prepared, ops, spec, need_offset
-        )
-    return (grad_child, grad_transforms, *small_grads, grad_offset)
-
-
-def _c_backward_chunk(
-    child_poses,
-    prepared,
-    activations_in,
-    beta_u,
-    beta_a,
-    vote_offset,
-    spec,
-    kind,
-    tape,
-    transforms,
-    grad_poses,
-    grad_logit,
-    need_offset,
-):
-    """The same gradients from the C kernels' hand-written backward of the whole chunk."""
-    problem = _c_problem(child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec)
-    return cpu_kernels.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
-
-
-def _slice_batch(inputs: tuple, part: slice) -> tuple:
-    """(poses, prepared W, a_in, β_u, β_a, offset, spec, kind) with the per-image tensors cut."""
-    child_poses, matrix, activations_in, *rest = inputs
-    return (child_poses[part], matrix, activations_in[part], *rest)
+def _slices(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec, kind):
+    """(slice, _Chunk) for every chunk of the batch; W is arranged once for all of them."""
+    prepared = kind.prepare(transforms, spec)
+    budget = kind.chunk_budget()
+    return [
+        (part, _Chunk(child_poses[part], prepared, activations_in[part], beta_u, beta_a,
+                      vote_offset, spec))
+        for part in _chunks(child_poses, transforms, spec, budget)
+    ]  # fmt: skip
 
 
 def _add(total, part):
@@ -355,41 +350,37 @@ def _add(total, part):
 
 class _FusedRouting(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec):
-        kind = _CVotes if cpu_kernels.use_c_kernels(child_poses) else _TorchVotes
-        prepared = kind.prepare(transforms, spec)  # once for all chunks
-        inputs = (child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind)
+    def forward(
+        ctx, child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec, kind
+    ):
+        inputs = (child_poses, transforms, activations_in, beta_u, beta_a, vote_offset)
         # The forward results of the vote-reading operations, one tape per chunk, kept for the
-        # backward replay when a gradient will be asked for: (N, L, J, S) per E-step and
-        # 2 x (N, L, J, H) per M-step, against re-reading the votes 5 times (3 iterations).
+        # backward when a gradient will be asked for (small per-parent tensors, against
+        # reading the votes again).
         keep = any(ctx.needs_input_grad[:6])
         means, logits, tapes = [], [], []
-        for part in _chunks(child_poses, transforms, spec, kind is _CVotes):
+        for _, chunk in _slices(*inputs, spec, kind):
             tape = [] if keep else None
-            mean, logit = _forward_chunk(*_slice_batch(inputs, part), tape)
+            mean, logit = kind.forward(chunk, tape)
             means.append(mean)
             logits.append(logit)
             tapes.append(tape)
         ctx.spec, ctx.kind, ctx.tapes = spec, kind, tapes
-        ctx.save_for_backward(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset)
+        ctx.save_for_backward(*inputs)
         return torch.cat(means), torch.cat(logits)
 
     @staticmethod
     def backward(ctx, grad_poses, grad_logit):
-        spec = ctx.spec
-        child_poses, transforms, activations_in, beta_u, beta_a, vote_offset = ctx.saved_tensors
+        spec, kind = ctx.spec, ctx.kind
+        inputs = ctx.saved_tensors
+        transforms, vote_offset = inputs[1], inputs[5]
         need_offset = vote_offset is not None and ctx.needs_input_grad[5]
         grad_child, grad_a_in = [], []
         grad_w = grad_bu = grad_ba = grad_offset = None
-        kind = ctx.kind
-        prepared = kind.prepare(transforms, spec)  # once for all chunks
-        inputs = (child_poses, prepared, activations_in, beta_u, beta_a, vote_offset, spec, kind)
-        tapes = ctx.tapes
-        parts = _chunks(child_poses, transforms, spec, kind is _CVotes)
-        for part, tape in zip(parts, tapes, strict=True):
-            backward_chunk = _c_backward_chunk if kind is _CVotes else _torch_backward_chunk
-            g_child, g_w, g_a, g_bu, g_ba, g_off = backward_chunk(
-                *_slice_batch(inputs, part),
+        chunks = _slices(*inputs, spec, kind)
+        for (part, chunk), tape in zip(chunks, ctx.tapes, strict=True):
+            g_child, g_w, g_a, g_bu, g_ba, g_off = kind.backward(
+                chunk,
                 tape,
                 transforms,
                 None if grad_poses is None else grad_poses[part],
@@ -401,7 +392,7 @@ class _FusedRouting(torch.autograd.Function):
             grad_w, grad_bu, grad_ba = _add(grad_w, g_w), _add(grad_bu, g_bu), _add(grad_ba, g_ba)
             grad_offset = _add(grad_offset, g_off)
         g_a_all = None if any(g is None for g in grad_a_in) else torch.cat(grad_a_in)
-        return (torch.cat(grad_child), grad_w, g_a_all, grad_bu, grad_ba, grad_offset, None)
+        return (torch.cat(grad_child), grad_w, g_a_all, grad_bu, grad_ba, grad_offset, None, None)
 
 
 def route(
@@ -428,8 +419,11 @@ def route(
             inputs = [child_poses, transforms, activations_in, beta_u, beta_a, vote_offset]
             inputs = [_at_least_float32(t) for t in inputs]
             return route(*inputs[:5], spec, inputs[5])
-    apply = _apply_c if cpu_kernels.use_c_kernels(child_poses) else _FusedRouting.apply
-    poses, logit = apply(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
+    inputs = (child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
+    if cpu_kernels.use_c_kernels(child_poses):
+        poses, logit = _apply_c(*inputs, _CVotes)
+    else:
+        poses, logit = _FusedRouting.apply(*inputs, _TorchVotes)
     return poses, torch.sigmoid(logit)
 
 

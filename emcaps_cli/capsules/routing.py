@@ -103,7 +103,7 @@ class VoteOps:
 
     def quadratic(self, inv_var: torch.Tensor, mean_inv_var: torch.Tensor) -> torch.Tensor:
         """Σ_h v² /σ² − 2 Σ_h v μ/σ²: (N, L, J, H) x 2 -> (N, L, J, S)."""
-        return row_dots(self.v2, inv_var) - 2.0 * row_dots(self.v, mean_inv_var)
+        return self.row_forms(-2.0 * mean_inv_var, inv_var)
 
 
 def m_step(
