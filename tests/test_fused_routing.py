@@ -25,6 +25,20 @@ def problem(pose, exact, offset, seed=0, images=2, chunk_elements=None):
     return (poses, transforms, acts, beta_u, beta_a), vote_offset, spec
 
 
+def assert_route_equals_plain(inputs, spec, vote_offset, loss):
+    """route and plain_route give the same poses, activations and gradients of `loss`."""
+    a = [t.clone().requires_grad_(True) for t in inputs]
+    b = [t.clone().requires_grad_(True) for t in inputs]
+    p1, a1 = route(*a, spec, vote_offset)
+    p2, a2 = plain_route(*b, spec, vote_offset)
+    torch.testing.assert_close(p1, p2, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a1, a2, atol=1e-10, rtol=0)
+    loss(p1, a1).backward()
+    loss(p2, a2).backward()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
+
+
 @pytest.mark.parametrize("pose", ["matrix", "vector"])
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("offset", [True, False])
@@ -38,21 +52,14 @@ def test_fused_equals_plain_autograd_values_and_gradients(
     inputs, vote_offset, spec = problem(
         pose, exact, offset, images=3, chunk_elements=chunk_images * per_image
     )
-    a = [t.clone().requires_grad_(True) for t in inputs]
-    b = [t.clone().requires_grad_(True) for t in inputs]
-    p1, a1 = route(*a, spec, vote_offset)
-    p2, a2 = plain_route(*b, spec, vote_offset)
-    torch.testing.assert_close(p1, p2, atol=1e-10, rtol=0)
-    torch.testing.assert_close(a1, a2, atol=1e-10, rtol=0)
     g = torch.Generator().manual_seed(9)
-    wp, wa = (
-        torch.randn(p1.shape, generator=g, dtype=D),
-        torch.randn(a1.shape, generator=g, dtype=D),
+    n, l, s, _ = inputs[0].shape
+    j = inputs[1].shape[1]
+    wp = torch.randn(n, l, j, 16, generator=g, dtype=D)
+    wa = torch.randn(n, l, j, generator=g, dtype=D)
+    assert_route_equals_plain(
+        inputs, spec, vote_offset, lambda p, a: (p * wp).sum() + (a * wa).sum()
     )
-    ((p1 * wp).sum() + (a1 * wa).sum()).backward()
-    ((p2 * wp).sum() + (a2 * wa).sum()).backward()
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
 
 
 def test_fused_gradcheck(kernels):
@@ -220,13 +227,4 @@ def test_a_nan_input_reaches_both_outputs(kernels, where):
 def test_fused_equals_plain_autograd_for_other_iteration_counts(kernels, iters):
     inputs, vote_offset, spec = problem("matrix", True, True)
     spec = RoutingSpec(iters, 0.5, spec.child_map, spec.rows, spec.row_len)
-    a = [t.clone().requires_grad_(True) for t in inputs]
-    b = [t.clone().requires_grad_(True) for t in inputs]
-    p1, a1 = route(*a, spec, vote_offset)
-    p2, a2 = plain_route(*b, spec, vote_offset)
-    torch.testing.assert_close(p1, p2, atol=1e-10, rtol=0)
-    torch.testing.assert_close(a1, a2, atol=1e-10, rtol=0)
-    ((p1 * p1).sum() + a1.sum()).backward()
-    ((p2 * p2).sum() + a2.sum()).backward()
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
+    assert_route_equals_plain(inputs, spec, vote_offset, lambda p, a: (p * p).sum() + a.sum())
