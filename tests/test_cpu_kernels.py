@@ -37,7 +37,7 @@ DTYPES = [torch.float64, torch.float32]
 def test_votes_are_pose_times_transform_plus_offset_and_their_mean(dtype, q, with_offset):
     poses, transforms, offset = case(dtype, q)
     offset = offset if with_offset else None
-    expected = compute_votes(poses, transforms, 16 // q, q)  # (N, L, J, S, 16)
+    expected = compute_votes(poses, transforms)  # (N, L, J, S, 16)
     if offset is not None:
         expected = expected + offset
     votes, shift = cpu_kernels.votes(poses, cpu_kernels.tile_transforms(transforms), offset)

@@ -167,17 +167,12 @@ def _load() -> ctypes.CDLL:
     except OSError as err:
         raise KernelsUnavailable(f"could not load {target}: {err}") from err
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    problem = [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2  # arguments()
     for suffix in ("f32", "f64"):
         getattr(lib, f"votes_{suffix}").argtypes = [ptr] * 3 + [i64] * 5 + [ptr] * 2
-        getattr(lib, f"route_forward_{suffix}").argtypes = (
-            [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 12
-        )
+        getattr(lib, f"route_forward_{suffix}").argtypes = problem + [ptr] * 12
+        getattr(lib, f"route_backward_{suffix}").argtypes = problem + [ptr] * 16 + [i64] + [ptr] * 4
         getattr(lib, f"exp_lanes_{suffix}").argtypes = [ptr, i64, ptr]
-        getattr(lib, f"route_backward_{suffix}").argtypes = (
-            ([ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2 + [ptr] * 16)
-            + [i64]
-            + [ptr] * 4
-        )
     return lib
 
 

@@ -194,8 +194,8 @@ class _TorchVotes:
         return VOTE_CHUNK_ELEMENTS  # read at call time: the benchmark sets it
 
     @staticmethod
-    def prepare(transforms, spec):
-        return vote_matrix(transforms, spec.rows)  # (S, 16, J*16)
+    def prepare(transforms):
+        return vote_matrix(transforms)  # (S, 16, J*16)
 
     @staticmethod
     def ops(chunk: _Chunk) -> tuple[VoteOps, torch.Tensor]:
@@ -266,7 +266,7 @@ class _CVotes:
         return C_VOTE_CHUNK_ELEMENTS
 
     @staticmethod
-    def prepare(transforms, spec):
+    def prepare(transforms):
         return cpu_kernels.PreparedTransforms(transforms)
 
     @staticmethod
@@ -333,7 +333,7 @@ def _chunks(
 
 def _slices(child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec, kind):
     """(slice, _Chunk) for every chunk of the batch; W is arranged once for all of them."""
-    prepared = kind.prepare(transforms, spec)
+    prepared = kind.prepare(transforms)
     budget = kind.chunk_budget()
     return [
         (part, _Chunk(child_poses[part], prepared, activations_in[part], beta_u, beta_a,
@@ -453,7 +453,7 @@ def plain_route(
     benchmark compares against, and a cross-check in the tests."""
     from emcaps_cli.capsules.routing import em_routing
 
-    votes = compute_votes(child_poses, transforms, spec.rows, spec.row_len)
+    votes = compute_votes(child_poses, transforms)
     if vote_offset is not None:
         votes = votes + vote_offset
     return em_routing(

@@ -106,7 +106,7 @@ class ConvCaps(nn.Module):
 
     def votes(self, poses: torch.Tensor) -> torch.Tensor:
         """poses (N, H, W, B, 16) -> votes (N, L, J, K*K*B, 16)."""
-        return compute_votes(self.patches(poses), self.transforms, self.rows, self.row_len)
+        return compute_votes(self.patches(poses), self.transforms)
 
     def forward(
         self, poses: torch.Tensor, activations: torch.Tensor
@@ -171,7 +171,7 @@ class ClassCaps(nn.Module):
     def votes(self, poses: torch.Tensor) -> torch.Tensor:
         """poses (N, H, W, D, 16) -> votes (N, 1, classes, H*W*D, 16)."""
         child_poses, transforms, offset = self.slot_inputs(poses)
-        votes = compute_votes(child_poses, transforms, self.rows, self.row_len)
+        votes = compute_votes(child_poses, transforms)
         return votes if offset is None else votes + offset
 
     def forward(

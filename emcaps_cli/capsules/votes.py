@@ -26,16 +26,18 @@ def _transform_matrix(transforms: torch.Tensor) -> torch.Tensor:
     return transforms.permute(0, 2, 1, 3).reshape(s, q, j * q)
 
 
-def vote_matrix(transforms: torch.Tensor, rows: int) -> torch.Tensor:
+def vote_matrix(transforms: torch.Tensor) -> torch.Tensor:
     """(S, J, q, q) -> (S, 16, J*16): M[s, (r', k), (j, r, c)] = δ(r, r') W[s, j, k, c].
 
     A flat pose (16,) @ M gives the flat votes of slot s for every parent type at once: for
-    matrix poses this is kron(I₄, W), 4x the multiplications of the row-by-row product but with
-    the votes of a (position, parent type) contiguous, so reordering them for routing moves
-    64-byte runs instead of 16-byte ones (measured on 2 cores, conv-caps-1 chunk of 3 images:
-    votes centred in 17.6 ms instead of 24.5 ms). For vector poses (rows = 1) M is W itself.
+    matrix poses (q = 4, 4 rows) this is kron(I₄, W), 4x the multiplications of the row-by-row
+    product but with the votes of a (position, parent type) contiguous, so reordering them for
+    routing moves 64-byte runs instead of 16-byte ones (measured on 2 cores, conv-caps-1 chunk
+    of 3 images: votes centred in 17.6 ms instead of 24.5 ms). For vector poses (q = 16, one
+    row) M is W itself.
     """
     s, j, q, _ = transforms.shape
+    rows = POSE_SIZE // q
     if rows == 1:
         return _transform_matrix(transforms)
     eye = torch.eye(rows, dtype=transforms.dtype, device=transforms.device)
@@ -51,11 +53,9 @@ def votes_from_matrix(child_poses: torch.Tensor, matrix: torch.Tensor) -> torch.
     return v.contiguous()
 
 
-def compute_votes(
-    child_poses: torch.Tensor, transforms: torch.Tensor, rows: int, row_len: int
-) -> torch.Tensor:
+def compute_votes(child_poses: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
     """child_poses (N, L, S, 16), transforms (S, J, q, q) -> votes (N, L, J, S, 16)."""
-    return votes_from_matrix(child_poses, vote_matrix(transforms, rows))
+    return votes_from_matrix(child_poses, vote_matrix(transforms))
 
 
 def vote_backward(
