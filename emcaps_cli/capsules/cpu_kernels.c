@@ -489,7 +489,7 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
  * and the last M-step pass (t = 0), when all records are known, forms it vote by vote and maps
  * it to the poses and W. wmat: W column-spread (Q = 4: wmat[s, j, c][(r, k)] = W[s, j, k, c])
  * or W itself (Q = 16). Work buffers: rowbuf (B·J, 2·16 + 1), gR (B·J, S), slot (B, S),
- * child (N, C), gp_threads (threads, S, Q·16). */
+ * child (N, C), gp_threads (threads, S, 16). */
 void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offset,
                           const REAL *a_in, const REAL *beta_u, const REAL *beta_a,
                           const double *lambdas, int64_t iters, const int64_t *child_index,
