@@ -8,6 +8,7 @@ the capsule network returns class-capsule activations in (0, 1), the CNN returns
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class ModelConfig:
     routing         "exact": a child's assignments are normalised over every parent whose receptive
                     field holds it (section 4); "patch": each K x K patch routed on its own
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
+    var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
     """
 
     model: str = "capsnet"
@@ -43,6 +45,7 @@ class ModelConfig:
     channels: int = 2
     routing: str = "exact"
     final_lambda: float = 0.01
+    var_floor: float = 1e-4
     num_classes: int = 5
     input_size: int = 32
 
@@ -57,6 +60,8 @@ class ModelConfig:
             raise EmcapsError(f"--arch {self.arch}: expected four positive integers A,B,C,D")
         if self.iters < 1:
             raise EmcapsError(f"--iters {self.iters}: need at least one routing iteration")
+        if not (math.isfinite(self.var_floor) and self.var_floor > 0):
+            raise EmcapsError(f"--var-floor {self.var_floor}: expected a positive number")
         if self.channels not in (1, 2):
             raise EmcapsError(f"--channels {self.channels}: expected 1 or 2")
         object.__setattr__(self, "arch", tuple(int(v) for v in self.arch))

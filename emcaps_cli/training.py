@@ -1,4 +1,4 @@
-"""Training (issue #4): data splits, the epoch loop, metrics, checkpoints, exact resume, DDP.
+"""Training: data splits, the epoch loop, metrics, checkpoints, exact resume, DDP.
 
 The recipe (see docs/training.md for the reasons): Adam, lr 3e-3 decayed by 0.96 after every
 epoch, batch 32, no weight decay; spread-loss margin linear 0.2 -> 0.9 over the first half of
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from emcaps_cli.atomic import atomic_path
+from emcaps_cli.capsules.health import capsule_health
 from emcaps_cli.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.data.transforms import eval_batch, train_batch
@@ -47,9 +48,11 @@ from emcaps_cli.models import ModelConfig, build_model, count_parameters
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 CURVES_PNG = "curves.png"
+DIAGNOSTICS_PNG = "diagnostics.png"
+HEALTH_IMAGES = 16  # training images of the fixed diagnostics batch
 
 # Options that may differ on --resume; everything else must match the run being continued.
-RESUMABLE = ("out", "data", "epochs", "stop_at_error", "device", "amp", "compile")
+RESUMABLE = ("out", "data", "epochs", "stop_at_error", "device", "amp", "compile", "diagnostics")
 
 
 @dataclass
@@ -63,6 +66,9 @@ class TrainConfig:
     validation_fraction  share of the (split-filtered) training images held out for best.pt
     stop_at_error   stop once the familiar-view test error (a fraction) is <= this value
     limit_train/test  reproducible random subsets (by `seed`) for quick runs
+    augment         random 32x32 crop + brightness/contrast for training (section 5); off:
+                    the centre crop, as for testing
+    diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
     """
 
     data: str = "data/smallnorb.h5"
@@ -84,6 +90,8 @@ class TrainConfig:
     compile: bool = False
     limit_train: int | None = None
     limit_test: int | None = None
+    augment: bool = True
+    diagnostics: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -619,6 +627,10 @@ def _train(
     margin_steps = config.margin_epochs * steps_per_epoch
     eval_batch_size = 2 * config.batch_size
     amp = config.amp
+    health_batch = None  # a fixed batch of training images for the capsule diagnostics
+    if config.diagnostics and model_config.model == "capsnet":
+        first = slice(0, min(HEALTH_IMAGES, len(train_labels)))
+        health_batch = (eval_batch(train_images[first], model_config.channels), train_labels[first])
 
     sizes = {
         "train": len(rows.train),
@@ -704,7 +716,10 @@ def _train(
                     step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size
                 ]
                 margin = spread_margin(global_step / margin_steps)
-                images = train_batch(train_images[idx], model_config.channels, augment)
+                if config.augment:
+                    images = train_batch(train_images[idx], model_config.channels, augment)
+                else:
+                    images = eval_batch(train_images[idx], model_config.channels)
                 target = train_labels[idx]
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     scores = train_model(images)  # (n, 5)
@@ -774,6 +789,8 @@ def _train(
             familiar_error = metrics.get("test_familiar_error", metrics["test_error"])
             metrics["images_per_second"] = partial["count"] / max(train_seconds, 1e-9)
             metrics["train_seconds"] = train_seconds
+            if health_batch is not None and ctx.main:
+                metrics["diagnostics"] = capsule_health(model, *health_batch, loss_fn, margin)
             metrics["seconds"] = train_seconds + time.perf_counter() - t_eval
             history.append(metrics)
             step_in_epoch = 0
@@ -792,6 +809,8 @@ def _train(
                 if improved:
                     save_checkpoint(run_dir / BEST, checkpoint)
                 _plot(run_dir / CURVES_PNG, history, reporter)
+                if health_batch is not None:
+                    _plot(run_dir / DIAGNOSTICS_PNG, history, reporter, "diagnostics")
             reporter.epoch_end(metrics)
             if config.stop_at_error is not None and familiar_error is not None:
                 if familiar_error <= config.stop_at_error:
@@ -856,10 +875,13 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _plot(path: Path, history: list[dict[str, Any]], reporter: Reporter) -> None:
-    from emcaps_cli.plots import plot_learning_curves
+def _plot(
+    path: Path, history: list[dict[str, Any]], reporter: Reporter, kind: str = "learning curves"
+) -> None:
+    from emcaps_cli.plots import plot_diagnostics, plot_learning_curves
 
+    draw = plot_diagnostics if kind == "diagnostics" else plot_learning_curves
     try:
-        plot_learning_curves(history, path)
+        draw(history, path)
     except (OSError, ValueError) as exc:  # a plot must never end a training run
-        reporter.note(f"{path}: could not draw learning curves ({exc})")
+        reporter.note(f"{path}: could not draw {kind} ({exc})")

@@ -1,5 +1,7 @@
 """The memory-lean fused votes + routing function equals plain autograd through Procedure 1."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -60,6 +62,24 @@ def test_fused_equals_plain_autograd_values_and_gradients(
     assert_route_equals_plain(
         inputs, spec, vote_offset, lambda p, a: (p * wp).sum() + (a * wa).sum()
     )
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_fused_equals_plain_autograd_with_a_large_variance_floor(exact, kernels):
+    """The variance floor reaches both kernel paths: values and gradients still agree."""
+    inputs, vote_offset, spec = problem("matrix", exact, True)
+    spec = dataclasses.replace(spec, var_floor=0.5)
+    g = torch.Generator().manual_seed(4)
+    n, l, s, _ = inputs[0].shape
+    j = inputs[1].shape[1]
+    wp = torch.randn(n, l, j, 16, generator=g, dtype=D)
+    wa = torch.randn(n, l, j, generator=g, dtype=D)
+    assert_route_equals_plain(
+        inputs, spec, vote_offset, lambda p, a: (p * wp).sum() + (a * wa).sum()
+    )
+    loose, _ = route(*inputs, dataclasses.replace(spec, var_floor=0.01), vote_offset)
+    tight, _ = route(*inputs, spec, vote_offset)
+    assert not torch.allclose(loose, tight)  # the floor changes the routing
 
 
 def test_fused_gradcheck(kernels):

@@ -7,7 +7,7 @@ import torch
 from emcaps_cli.capsules.geometry import conv_child_map
 from emcaps_cli.capsules.layers import ConvCaps
 from emcaps_cli.capsules.reference import dense_conv_problem, reference_em_routing
-from emcaps_cli.capsules.routing import em_routing, inverse_temperatures
+from emcaps_cli.capsules.routing import VAR_FLOOR, em_routing, inverse_temperatures
 
 D = torch.float64
 
@@ -44,7 +44,9 @@ def test_fully_connected_routing_matches_procedure_1(iters, final_lambda):
         torch.testing.assert_close(R[n, 0].transpose(0, 1), ref_R, atol=1e-6, rtol=0)
 
 
-def small_conv_layer(routing, stride, pose="matrix", in_types=2, out_types=3, seed=0):
+def small_conv_layer(
+    routing, stride, pose="matrix", in_types=2, out_types=3, seed=0, var_floor=VAR_FLOOR
+):
     torch.manual_seed(seed)
     layer = ConvCaps(
         in_types,
@@ -55,6 +57,7 @@ def small_conv_layer(routing, stride, pose="matrix", in_types=2, out_types=3, se
         pose=pose,
         routing=routing,
         final_lambda=0.5,
+        var_floor=var_floor,
     ).double()
     with torch.no_grad():
         layer.beta_u.normal_(0, 0.5)
@@ -64,8 +67,12 @@ def small_conv_layer(routing, stride, pose="matrix", in_types=2, out_types=3, se
 
 @pytest.mark.parametrize("stride,side", [(1, 5), (2, 7)])
 @pytest.mark.parametrize("pose", ["matrix", "vector"])
-def test_exact_conv_routing_matches_reference_over_whole_grid(stride, side, pose, kernels):
-    layer = small_conv_layer("exact", stride, pose)
+@pytest.mark.parametrize("var_floor", [VAR_FLOOR, 0.3])
+def test_exact_conv_routing_matches_reference_over_whole_grid(
+    stride, side, pose, var_floor, kernels
+):
+    """Also with a variance floor far above the default (the M-step adds it to every σ²)."""
+    layer = small_conv_layer("exact", stride, pose, var_floor=var_floor)
     g = torch.Generator().manual_seed(1)
     poses = torch.randn(1, side, side, 2, 16, generator=g, dtype=D)
     acts = torch.rand(1, side, side, 2, generator=g, dtype=D)
@@ -81,6 +88,7 @@ def test_exact_conv_routing_matches_reference_over_whole_grid(stride, side, pose
         layer.beta_a.detach().repeat(votes.shape[1] // 3),
         3,
         0.5,
+        var_floor,
     )
     torch.testing.assert_close(out_poses.reshape(-1, 16), ref_mu, atol=1e-6, rtol=0)
     torch.testing.assert_close(out_acts.reshape(-1), ref_a, atol=1e-6, rtol=0)

@@ -61,6 +61,7 @@ class RoutingSpec:
     # (at least one image; 0 routes the whole batch at once; None: VOTE_CHUNK_ELEMENTS, or
     # C_VOTE_CHUNK_ELEMENTS on the C kernels).
     chunk_elements: int | None = None
+    var_floor: float = VAR_FLOOR  # added to every σ² (routing.m_step)
 
 
 class _TapedVoteOps:
@@ -217,6 +218,7 @@ class _TorchVotes:
             spec.iters,
             spec.final_lambda,
             spec.child_map,
+            var_floor=spec.var_floor,
         )
         return mean + shift.squeeze(3), logit
 
@@ -237,7 +239,12 @@ class _TorchVotes:
                 for t in (chunk.activations_in, chunk.beta_u, chunk.beta_a)
             ]
             mean, logit, _ = routing_iterations(
-                ops, *small, spec.iters, spec.final_lambda, spec.child_map
+                ops,
+                *small,
+                spec.iters,
+                spec.final_lambda,
+                spec.child_map,
+                var_floor=spec.var_floor,
             )
             outputs, grads = [], []
             for out, grad in ((mean, grad_poses), (logit, grad_logit)):
@@ -283,7 +290,7 @@ class _CVotes:
             None if cmap is None else cmap.index,
             None if cmap is None else cmap.parent_count,
             0 if cmap is None else cmap.num_children,
-            VAR_FLOOR,
+            spec.var_floor,
             SUM_FLOOR,
         )
 
@@ -457,5 +464,12 @@ def plain_route(
     if vote_offset is not None:
         votes = votes + vote_offset
     return em_routing(
-        votes, activations_in, beta_u, beta_a, spec.iters, spec.final_lambda, spec.child_map
+        votes,
+        activations_in,
+        beta_u,
+        beta_a,
+        spec.iters,
+        spec.final_lambda,
+        spec.child_map,
+        var_floor=spec.var_floor,
     )

@@ -10,12 +10,32 @@ of 4 and the vector pose as 1 row of 16, so both are the same row-times-matrix p
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from emcaps_cli.capsules import geometry
 from emcaps_cli.capsules.fused_routing import RoutingSpec, route
+from emcaps_cli.capsules.routing import VAR_FLOOR
 from emcaps_cli.capsules.votes import POSE_SIZE, compute_votes
+
+
+class RoutingInputs(NamedTuple):
+    """One capsule layer's routing problem, as `fused_routing.route` takes it."""
+
+    child_poses: torch.Tensor  # (N, L, S, 16)
+    transforms: torch.Tensor  # (S, J, q, q)
+    activations_in: torch.Tensor  # (N, L, S)
+    beta_u: torch.Tensor  # (J,)
+    beta_a: torch.Tensor  # (J,)
+    spec: RoutingSpec
+    vote_offset: torch.Tensor | None  # (S, 16)
+
+    def votes(self) -> torch.Tensor:
+        """The votes, materialised: (N, L, J, S, 16)."""
+        votes = compute_votes(self.child_poses, self.transforms)
+        return votes if self.vote_offset is None else votes + self.vote_offset
 
 
 def pose_rows(pose: str) -> tuple[int, int]:
@@ -64,8 +84,10 @@ class ConvCaps(nn.Module):
         pose: str = "matrix",
         routing: str = "exact",
         final_lambda: float = 0.01,
+        var_floor: float = VAR_FLOOR,
     ) -> None:
         super().__init__()
+        self.var_floor = var_floor
         self.in_types, self.out_types = in_types, out_types
         self.kernel, self.stride, self.iters = kernel, stride, iters
         self.rows, self.row_len = pose_rows(pose)
@@ -108,16 +130,30 @@ class ConvCaps(nn.Module):
         """poses (N, H, W, B, 16) -> votes (N, L, J, K*K*B, 16)."""
         return compute_votes(self.patches(poses), self.transforms)
 
+    def routing_inputs(self, poses: torch.Tensor, activations: torch.Tensor) -> RoutingInputs:
+        """poses (N, H, W, B, 16), activations (N, H, W, B) -> the layer's routing problem."""
+        n, h, w, b, _ = poses.shape
+        positions, child_map, _ = self.geometry(h, w, poses.device)
+        a_in = activations.reshape(n, h * w, b)[:, positions].reshape(n, positions.shape[0], -1)
+        spec = RoutingSpec(
+            self.iters,
+            self.final_lambda,
+            child_map,
+            self.rows,
+            self.row_len,
+            var_floor=self.var_floor,
+        )
+        return RoutingInputs(
+            self.patches(poses), self.transforms, a_in, self.beta_u, self.beta_a, spec, None
+        )
+
     def forward(
         self, poses: torch.Tensor, activations: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, h, w, b, p = poses.shape
-        positions, child_map, (out_h, out_w) = self.geometry(h, w, poses.device)
-        a_in = activations.reshape(n, h * w, b)[:, positions].reshape(n, positions.shape[0], -1)
-        spec = RoutingSpec(self.iters, self.final_lambda, child_map, self.rows, self.row_len)
-        out_poses, out_act = route(
-            self.patches(poses), self.transforms, a_in, self.beta_u, self.beta_a, spec
-        )  # (N, L, J, 16), (N, L, J)
+        n, h, w, _, p = poses.shape
+        _, _, (out_h, out_w) = self.geometry(h, w, poses.device)
+        out_poses, out_act = route(*self.routing_inputs(poses, activations))
+        # (N, L, J, 16), (N, L, J)
         return (
             out_poses.reshape(n, out_h, out_w, self.out_types, p),
             out_act.reshape(n, out_h, out_w, self.out_types),
@@ -137,8 +173,10 @@ class ClassCaps(nn.Module):
         pose: str = "matrix",
         coord_add: bool = True,
         final_lambda: float = 0.01,
+        var_floor: float = VAR_FLOOR,
     ) -> None:
         super().__init__()
+        self.var_floor = var_floor
         self.in_types, self.classes, self.iters = in_types, classes, iters
         self.rows, self.row_len = pose_rows(pose)
         self.coord_add, self.final_lambda = coord_add, final_lambda
@@ -174,14 +212,17 @@ class ClassCaps(nn.Module):
         votes = compute_votes(child_poses, transforms)
         return votes if offset is None else votes + offset
 
+    def routing_inputs(self, poses: torch.Tensor, activations: torch.Tensor) -> RoutingInputs:
+        """poses (N, H, W, D, 16), activations (N, H, W, D) -> the layer's routing problem."""
+        child_poses, transforms, offset = self.slot_inputs(poses)
+        a_in = activations.reshape(poses.shape[0], 1, -1)  # (N, 1, S)
+        spec = RoutingSpec(
+            self.iters, self.final_lambda, None, self.rows, self.row_len, var_floor=self.var_floor
+        )
+        return RoutingInputs(child_poses, transforms, a_in, self.beta_u, self.beta_a, spec, offset)
+
     def forward(
         self, poses: torch.Tensor, activations: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = poses.shape[0]
-        child_poses, transforms, offset = self.slot_inputs(poses)
-        a_in = activations.reshape(n, 1, -1)  # (N, 1, S)
-        spec = RoutingSpec(self.iters, self.final_lambda, None, self.rows, self.row_len)
-        out_poses, out_act = route(
-            child_poses, transforms, a_in, self.beta_u, self.beta_a, spec, offset
-        )
+        out_poses, out_act = route(*self.routing_inputs(poses, activations))
         return out_poses[:, 0], out_act[:, 0]  # (N, J, 16), (N, J)

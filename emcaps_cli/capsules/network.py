@@ -29,7 +29,12 @@ class CapsNet(nn.Module):
         super().__init__()
         self.config = config
         a, b, c, d = config.arch
-        common = dict(iters=config.iters, pose=config.pose, final_lambda=config.final_lambda)
+        common = dict(
+            iters=config.iters,
+            pose=config.pose,
+            final_lambda=config.final_lambda,
+            var_floor=config.var_floor,
+        )
         self.conv1 = nn.Conv2d(config.channels, a, kernel_size=5, stride=2)
         self.primary_caps = PrimaryCaps(a, b)
         self.conv_caps1 = ConvCaps(b, c, kernel=3, stride=2, routing=config.routing, **common)
@@ -49,12 +54,17 @@ class CapsNet(nn.Module):
             sizes.append(side)
         return sizes
 
-    def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_layers(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(poses, activations) of every capsule layer, by layer name."""
         features = torch.relu(self.conv1(images))  # (N, A, 14, 14)
-        poses, acts = self.primary_caps(features)  # (N, 14, 14, B, 16), (N, 14, 14, B)
-        poses, acts = self.conv_caps1(poses, acts)  # (N, 6, 6, C, 16), (N, 6, 6, C)
-        poses, acts = self.conv_caps2(poses, acts)  # (N, 4, 4, D, 16), (N, 4, 4, D)
-        class_poses, class_acts = self.class_caps(poses, acts)  # (N, 5, 16), (N, 5)
+        out = {"primary_caps": self.primary_caps(features)}  # (N, 14, 14, B, 16), (N, 14, 14, B)
+        out["conv_caps1"] = self.conv_caps1(*out["primary_caps"])  # (N, 6, 6, C, 16), (N,6,6,C)
+        out["conv_caps2"] = self.conv_caps2(*out["conv_caps1"])  # (N, 4, 4, D, 16), (N,4,4,D)
+        out["class_caps"] = self.class_caps(*out["conv_caps2"])  # (N, 5, 16), (N, 5)
+        return out
+
+    def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        class_poses, class_acts = self.forward_layers(images)["class_caps"]
         return {"poses": class_poses, "activations": class_acts}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ A routing problem is given densely for ONE image:
     activations (I,)      a_i
     connected  (I, J)     bool, whether j is one of i's parents
     beta_u, beta_a (J,)   per parent
-The same floors as the fast version are applied (see routing.VAR_FLOOR, routing.SUM_FLOOR).
+The same floors as the fast version are applied (`var_floor`, routing.SUM_FLOOR).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def reference_em_routing(
     beta_a: torch.Tensor,
     iters: int,
     final_lambda: float,
+    var_floor: float = VAR_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (μ (J, H), a (J,), R (I, J) from the E-step after the last M-step)."""
     n_children, n_parents, n_dims = votes.shape
@@ -50,7 +51,7 @@ def reference_em_routing(
                 mu[j][h] = sum(r[i] * float(votes[i, j, h]) for i in children) / divisor
                 sigma_sq[j][h] = (
                     sum(r[i] * (float(votes[i, j, h]) - mu[j][h]) ** 2 for i in children) / divisor
-                    + VAR_FLOOR
+                    + var_floor
                 )
                 cost += (float(beta_u[j]) + math.log(math.sqrt(sigma_sq[j][h]))) * total
             a_out[j] = 1.0 / (1.0 + math.exp(-lam * (float(beta_a[j]) - cost)))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,15 @@ class ChildMap:
 
     def to(self, device: torch.device) -> ChildMap:
         return ChildMap(self.index.to(device), self.num_children, self.parent_count.to(device))
+
+
+class RoutingStep(NamedTuple):
+    """What one M-step saw and made: the assignments R it used (N, L, J, S), σ² (N, L, J, H)
+    and the activation logit (N, L, J)."""
+
+    assignments: torch.Tensor
+    variance: torch.Tensor
+    logit: torch.Tensor
 
 
 def inverse_temperatures(iters: int, final_lambda: float) -> list[float]:
@@ -113,6 +123,7 @@ def m_step(
     beta_u: torch.Tensor,
     beta_a: torch.Tensor,
     inverse_temperature: float,
+    var_floor: float = VAR_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Procedure 1, M-step, for every parent at once.
 
@@ -124,7 +135,7 @@ def m_step(
     divisor = amount.clamp_min(SUM_FLOOR).unsqueeze(-1)  # (N, L, J, 1)
     sum_v, sum_v2 = ops.moments(weighted)  # (N, L, J, H) each
     mean = sum_v / divisor
-    variance = (sum_v2 / divisor - mean.square()).clamp_min(0.0) + VAR_FLOOR  # (N, L, J, H)
+    variance = (sum_v2 / divisor - mean.square()).clamp_min(0.0) + var_floor  # (N, L, J, H)
     log_sigma = 0.5 * variance.log()
     cost = ((beta_u.view(-1, 1) + log_sigma) * amount.unsqueeze(-1)).sum(-1)  # (N, L, J)
     logit = inverse_temperature * (beta_a - cost)
@@ -170,13 +181,21 @@ def routing_iterations(
     final_lambda: float,
     child_map: ChildMap | None,
     return_assignments: bool = False,
+    var_floor: float = VAR_FLOOR,
+    trace: list[RoutingStep] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The loop of Procedure 1 on centred votes. Returns (centred μ (N, L, J, H), activation
-    logit (N, L, J), the last E-step's R (N, L, J, S) if `return_assignments` else None)."""
+    logit (N, L, J), the last E-step's R (N, L, J, S) if `return_assignments` else None).
+
+    With a `trace` list, every M-step appends its RoutingStep (for diagnostics)."""
     n, l, j, s, _ = ops.v.shape
     assignments = initial_assignments((n, l, j, s), child_map, ops.v)  # (N, L, J, S)
     for t, lam in enumerate(inverse_temperatures(iters, final_lambda)):
-        mean, variance, logit = m_step(assignments, activations_in, ops, beta_u, beta_a, lam)
+        mean, variance, logit = m_step(
+            assignments, activations_in, ops, beta_u, beta_a, lam, var_floor
+        )
+        if trace is not None:
+            trace.append(RoutingStep(assignments, variance, logit))
         # The E-step after the last M-step changes nothing that is returned: skip it.
         if t < iters - 1 or return_assignments:
             logits = e_step_logits(mean, variance, F.logsigmoid(logit), ops)
@@ -193,6 +212,8 @@ def em_routing(
     final_lambda: float = 0.01,
     child_map: ChildMap | None = None,
     return_assignments: bool = False,
+    var_floor: float = VAR_FLOOR,
+    trace: list[RoutingStep] | None = None,
 ):
     """Procedure 1 on given votes, differentiated by plain autograd.
 
@@ -206,7 +227,16 @@ def em_routing(
     centred = votes - shift  # (N, L, J, S, H)
     ops = VoteOps(centred, centred.square())
     mean, logit, assignments = routing_iterations(
-        ops, activations_in, beta_u, beta_a, iters, final_lambda, child_map, return_assignments
+        ops,
+        activations_in,
+        beta_u,
+        beta_a,
+        iters,
+        final_lambda,
+        child_map,
+        return_assignments,
+        var_floor,
+        trace,
     )
     poses = mean + shift.squeeze(3)  # (N, L, J, H)
     activations = torch.sigmoid(logit)  # (N, L, J)

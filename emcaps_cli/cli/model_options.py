@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from emcaps_cli.models import ModelConfig, parse_arch
@@ -27,10 +29,20 @@ ROUTING = typer.Option(
     help="exact (a child's assignments normalised over all parents whose receptive field "
     "holds it, section 4) | patch (each K×K patch routed alone).",
 )
+_DEFAULT = ModelConfig()
+
 FINAL_LAMBDA = typer.Option(
-    0.01,
+    _DEFAULT.final_lambda,
     "--final-lambda",
     help="λ_max of the inverse-temperature schedule λ_t = λ_max(1−0.95^(t+1)).",
+)
+
+
+VAR_FLOOR = typer.Option(
+    _DEFAULT.var_floor,
+    "--var-floor",
+    help="Added to every σ² in EM routing's M-step, in squared pose units: a larger floor "
+    "keeps the first E-steps soft (docs/model.md).",
 )
 
 
@@ -43,8 +55,10 @@ def model_config(
     channels: int,
     routing: str,
     final_lambda: float,
+    **routing_options: Any,
 ) -> ModelConfig:
     return ModelConfig(
+        **routing_options,
         model=model,
         arch=parse_arch(arch),
         iters=iters,

@@ -144,6 +144,7 @@ def train_command(
     channels: int = opts.CHANNELS,
     routing: str = opts.ROUTING,
     final_lambda: float = opts.FINAL_LAMBDA,
+    var_floor: float = opts.VAR_FLOOR,
     loss: str | None = typer.Option(
         None,
         "--loss",
@@ -200,6 +201,18 @@ def train_command(
     limit_test: int | None = typer.Option(
         None, "--limit-test", metavar="N", help="Use a random N test images (by --seed)."
     ),
+    augment: bool = typer.Option(
+        True,
+        "--augment/--no-augment",
+        help="Training images: random 32x32 crop of the 48x48 image plus random brightness and "
+        "contrast (section 5), or the centre crop only.",
+    ),
+    diagnostics: bool = typer.Option(
+        True,
+        "--diagnostics/--no-diagnostics",
+        help="Capsule-health statistics on a fixed batch after every epoch (metrics.jsonl, "
+        "diagnostics.png; capsnet only, about a second an epoch for the small model).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Train on the smallNORB cache; write checkpoints, metrics and curves to RUN_DIR."""
@@ -222,7 +235,15 @@ def train_command(
             data=str(data),
             out=None if out is None else str(out),
             model=opts.model_config(
-                model, arch, iters, pose, coord_add, channels, routing, final_lambda
+                model,
+                arch,
+                iters,
+                pose,
+                coord_add,
+                channels,
+                routing,
+                final_lambda,
+                var_floor=var_floor,
             ),
             loss=loss,
             epochs=epochs,
@@ -240,6 +261,8 @@ def train_command(
             compile=compile_model,
             limit_train=limit_train,
             limit_test=limit_test,
+            augment=augment,
+            diagnostics=diagnostics,
         )
     reporter = RichReporter()
     try:
