@@ -14,9 +14,12 @@ from typing import Any
 
 from torch import nn
 
+from emcaps_cli.capsules.parametrisation import PARAMETRISATIONS
 from emcaps_cli.errors import EmcapsError
 
 MODELS = ("capsnet", "cnn")
+# Values of later fields for configs (checkpoints) written before the field existed.
+LEGACY_DEFAULTS = {"var_floor": 1e-4}
 POSES = ("matrix", "vector")
 ROUTINGS = ("exact", "patch")
 
@@ -35,6 +38,8 @@ class ModelConfig:
                     field holds it (section 4); "patch": each K x K patch routed on its own
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
     var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
+    parametrisation how β_u, β_a and λ enter the routing and are initialised: "paper" or
+                    "released" (the authors' code; capsules/parametrisation.py)
     """
 
     model: str = "capsnet"
@@ -45,7 +50,8 @@ class ModelConfig:
     channels: int = 2
     routing: str = "exact"
     final_lambda: float = 0.01
-    var_floor: float = 1e-4
+    var_floor: float = 0.1
+    parametrisation: str = "paper"
     num_classes: int = 5
     input_size: int = 32
 
@@ -54,6 +60,11 @@ class ModelConfig:
             raise EmcapsError(f"--model {self.model}: expected one of {', '.join(MODELS)}")
         if self.pose not in POSES:
             raise EmcapsError(f"--pose {self.pose}: expected one of {', '.join(POSES)}")
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise EmcapsError(
+                f"--parametrisation {self.parametrisation}: expected one of "
+                + ", ".join(PARAMETRISATIONS)
+            )
         if self.routing not in ROUTINGS:
             raise EmcapsError(f"--routing {self.routing}: expected one of {', '.join(ROUTINGS)}")
         if len(self.arch) != 4 or any(int(v) < 1 for v in self.arch):
@@ -77,7 +88,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise EmcapsError(f"model config has unknown keys: {', '.join(sorted(unknown))}")
-        d = dict(d)
+        # Fields added after a config was written take the value those runs used.
+        d = {**LEGACY_DEFAULTS, **d}
         if "arch" in d:
             d["arch"] = tuple(d["arch"])
         return cls(**d)

@@ -1,10 +1,11 @@
 """Training: data splits, the epoch loop, metrics, checkpoints, exact resume, DDP.
 
-The recipe (see docs/training.md for the reasons): Adam, lr 3e-3 decayed by 0.96 after every
-epoch, batch 32, no weight decay; spread-loss margin linear 0.2 -> 0.9 over the first half of
-the epochs (section 4.1). Images: per-image standardisation, random 32x32 crop of the 48x48
-image plus random brightness and contrast for training, centre crop for validation and test
-(section 5). The whole cache sits on the training device as uint8 and is augmented in batches.
+The recipe (see docs/training.md for the reasons): Adam, lr 3e-3 (capsules) or 3e-4 (CNN)
+decayed by 0.96 after every epoch, batch 32, no weight decay; spread-loss margin linear
+0.2 -> 0.9 over the first half of the epochs (section 4.1). Images: per-image standardisation,
+random 32x32 crop of the 48x48 image plus random brightness and contrast for training (ranges
+optionally grown from none over a warm-up), centre crop for validation and test (section 5).
+The whole cache sits on the training device as uint8 and is augmented in batches.
 
 Multi-process: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) every rank
 trains on its shard of each epoch's permutation through DistributedDataParallel; `batch_size`
@@ -51,6 +52,9 @@ CURVES_PNG = "curves.png"
 DIAGNOSTICS_PNG = "diagnostics.png"
 HEALTH_IMAGES = 16  # training images of the fixed diagnostics batch
 
+# Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
+DEFAULT_LR = {"capsnet": 3e-3, "cnn": 3e-4}
+
 # Options that may differ on --resume; everything else must match the run being continued.
 RESUMABLE = ("out", "data", "epochs", "stop_at_error", "device", "amp", "compile", "diagnostics")
 
@@ -61,13 +65,16 @@ class TrainConfig:
 
     loss            None: "spread" for the capsule network, "cross-entropy" for the CNN
     batch_size      images per optimiser step per process (effective batch = × processes)
-    lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e
+    lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
+                    DEFAULT_LR of the model (docs/training.md)
     margin_epochs   spread-loss margin reaches 0.9 after this many epochs; None: epochs / 2
     validation_fraction  share of the (split-filtered) training images held out for best.pt
     stop_at_error   stop once the familiar-view test error (a fraction) is <= this value
     limit_train/test  reproducible random subsets (by `seed`) for quick runs
     augment         random 32x32 crop + brightness/contrast for training (section 5); off:
                     the centre crop, as for testing
+    augment_warmup  epochs over which the augmentation's ranges grow linearly from none to
+                    full (0: full from the first step)
     diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
     """
 
@@ -77,7 +84,7 @@ class TrainConfig:
     loss: str | None = None
     epochs: int = 50
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float | None = None
     lr_decay: float = 0.96
     weight_decay: float = 0.0
     margin_epochs: float | None = None
@@ -91,6 +98,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     augment: bool = True
+    augment_warmup: float = 0.0
     diagnostics: bool = True
 
     def __post_init__(self) -> None:
@@ -99,9 +107,16 @@ class TrainConfig:
         checks = (
             (self.epochs >= 1, f"--epochs {self.epochs}: need at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: need at least 1"),
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: expected a positive number"),
+            (
+                self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+                f"--lr {self.lr}: expected a positive number",
+            ),
             (0 < self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: expected 0 < decay <= 1"),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
+            (
+                math.isfinite(self.augment_warmup) and self.augment_warmup >= 0,
+                f"--augment-warmup {self.augment_warmup}: expected epochs >= 0",
+            ),
             (
                 0 <= self.validation_fraction < 1,
                 f"--validation-fraction {self.validation_fraction}: expected 0 <= f < 1",
@@ -137,7 +152,8 @@ class TrainConfig:
         """A copy with the defaults that depend on other options filled in."""
         loss = self.loss or ("spread" if self.model.model == "capsnet" else "cross-entropy")
         margin_epochs = self.margin_epochs if self.margin_epochs is not None else self.epochs / 2
-        return dataclasses.replace(self, loss=loss, margin_epochs=margin_epochs)
+        lr = self.lr if self.lr is not None else DEFAULT_LR[self.model.model]
+        return dataclasses.replace(self, loss=loss, margin_epochs=margin_epochs, lr=lr)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -625,6 +641,7 @@ def _train(
         )
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     margin_steps = config.margin_epochs * steps_per_epoch
+    warmup_steps = config.augment_warmup * steps_per_epoch
     eval_batch_size = 2 * config.batch_size
     amp = config.amp
     health_batch = None  # a fixed batch of training images for the capsule diagnostics
@@ -717,7 +734,10 @@ def _train(
                 ]
                 margin = spread_margin(global_step / margin_steps)
                 if config.augment:
-                    images = train_batch(train_images[idx], model_config.channels, augment)
+                    strength = augment_strength(global_step, warmup_steps)
+                    images = train_batch(
+                        train_images[idx], model_config.channels, augment, strength=strength
+                    )
                 else:
                     images = eval_batch(train_images[idx], model_config.channels)
                 target = train_labels[idx]
@@ -828,6 +848,11 @@ def _train(
         best_validation_error=best["validation_error"],
         last_metrics=history[-1] if history else {},
     )
+
+
+def augment_strength(step: int, warmup_steps: float) -> float:
+    """Augmentation strength at optimiser step `step`: linear from 0 to 1 over the warm-up."""
+    return 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)
 
 
 def _merge_partial(

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from emcaps_cli.capsules import geometry
+from emcaps_cli.capsules import geometry, parametrisation
 from emcaps_cli.capsules.fused_routing import RoutingSpec, route
 from emcaps_cli.capsules.routing import VAR_FLOOR
 from emcaps_cli.capsules.votes import POSE_SIZE, compute_votes
@@ -46,6 +46,11 @@ def pose_rows(pose: str) -> tuple[int, int]:
 def init_transforms(shape: tuple[int, ...], row_len: int) -> nn.Parameter:
     """W ~ N(0, 1/row_len): a vote entry sums row_len products, so votes keep the poses' scale."""
     return nn.Parameter(torch.randn(shape) / row_len**0.5)
+
+
+def parametrisation_init(kind: str, layer: str, module: nn.Module) -> None:
+    """Initial β and W of a routing layer for its parametrisation (capsules/parametrisation.py)."""
+    parametrisation.initialise(kind, layer, module.beta_u, module.beta_a, module.transforms)
 
 
 class PrimaryCaps(nn.Module):
@@ -85,9 +90,10 @@ class ConvCaps(nn.Module):
         routing: str = "exact",
         final_lambda: float = 0.01,
         var_floor: float = VAR_FLOOR,
+        parametrisation: str = "paper",
     ) -> None:
         super().__init__()
-        self.var_floor = var_floor
+        self.var_floor, self.parametrisation = var_floor, parametrisation
         self.in_types, self.out_types = in_types, out_types
         self.kernel, self.stride, self.iters = kernel, stride, iters
         self.rows, self.row_len = pose_rows(pose)
@@ -98,6 +104,7 @@ class ConvCaps(nn.Module):
         )
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
+        parametrisation_init(parametrisation, "conv", self)
         self._geometry: dict[tuple, tuple] = {}
 
     def geometry(self, height: int, width: int, device: torch.device):
@@ -135,17 +142,13 @@ class ConvCaps(nn.Module):
         n, h, w, b, _ = poses.shape
         positions, child_map, _ = self.geometry(h, w, poses.device)
         a_in = activations.reshape(n, h * w, b)[:, positions].reshape(n, positions.shape[0], -1)
+        beta_u, beta_a, lam = parametrisation.effective(
+            self.parametrisation, "conv", self.beta_u, self.beta_a, self.final_lambda
+        )
         spec = RoutingSpec(
-            self.iters,
-            self.final_lambda,
-            child_map,
-            self.rows,
-            self.row_len,
-            var_floor=self.var_floor,
+            self.iters, lam, child_map, self.rows, self.row_len, var_floor=self.var_floor
         )
-        return RoutingInputs(
-            self.patches(poses), self.transforms, a_in, self.beta_u, self.beta_a, spec, None
-        )
+        return RoutingInputs(self.patches(poses), self.transforms, a_in, beta_u, beta_a, spec, None)
 
     def forward(
         self, poses: torch.Tensor, activations: torch.Tensor
@@ -174,9 +177,10 @@ class ClassCaps(nn.Module):
         coord_add: bool = True,
         final_lambda: float = 0.01,
         var_floor: float = VAR_FLOOR,
+        parametrisation: str = "paper",
     ) -> None:
         super().__init__()
-        self.var_floor = var_floor
+        self.var_floor, self.parametrisation = var_floor, parametrisation
         self.in_types, self.classes, self.iters = in_types, classes, iters
         self.rows, self.row_len = pose_rows(pose)
         self.coord_add, self.final_lambda = coord_add, final_lambda
@@ -185,6 +189,7 @@ class ClassCaps(nn.Module):
         )
         self.beta_u = nn.Parameter(torch.zeros(classes))
         self.beta_a = nn.Parameter(torch.zeros(classes))
+        parametrisation_init(parametrisation, "class", self)
         # Scaled receptive-field centres of the input grid, (H*W, 2); set by the network.
         self.register_buffer("coordinates", torch.zeros(0, 2), persistent=False)
 
@@ -216,10 +221,11 @@ class ClassCaps(nn.Module):
         """poses (N, H, W, D, 16), activations (N, H, W, D) -> the layer's routing problem."""
         child_poses, transforms, offset = self.slot_inputs(poses)
         a_in = activations.reshape(poses.shape[0], 1, -1)  # (N, 1, S)
-        spec = RoutingSpec(
-            self.iters, self.final_lambda, None, self.rows, self.row_len, var_floor=self.var_floor
+        beta_u, beta_a, lam = parametrisation.effective(
+            self.parametrisation, "class", self.beta_u, self.beta_a, self.final_lambda
         )
-        return RoutingInputs(child_poses, transforms, a_in, self.beta_u, self.beta_a, spec, offset)
+        spec = RoutingSpec(self.iters, lam, None, self.rows, self.row_len, var_floor=self.var_floor)
+        return RoutingInputs(child_poses, transforms, a_in, beta_u, beta_a, spec, offset)
 
     def forward(
         self, poses: torch.Tensor, activations: torch.Tensor

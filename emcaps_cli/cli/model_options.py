@@ -46,6 +46,15 @@ VAR_FLOOR = typer.Option(
 )
 
 
+PARAMETRISATION = typer.Option(
+    _DEFAULT.parametrisation,
+    "--parametrisation",
+    help="paper (β_u, β_a as Procedure 1, initialised to 0) | released (the authors' released "
+    "code: β_a = −2500·a_b, β_u = 1.42·s_b, λ ×2, class layer λ/4, their initial values; "
+    "docs/model.md).",
+)
+
+
 def model_config(
     model: str,
     arch: str,

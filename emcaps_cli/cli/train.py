@@ -145,6 +145,7 @@ def train_command(
     routing: str = opts.ROUTING,
     final_lambda: float = opts.FINAL_LAMBDA,
     var_floor: float = opts.VAR_FLOOR,
+    parametrisation: str = opts.PARAMETRISATION,
     loss: str | None = typer.Option(
         None,
         "--loss",
@@ -155,7 +156,12 @@ def train_command(
     batch_size: int = typer.Option(
         32, "--batch-size", help="Images per step per process (effective batch × processes)."
     ),
-    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate of the first epoch."),
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help="Adam learning rate of the first epoch.",
+        show_default="3e-3 for capsnet, 3e-4 for cnn",
+    ),
     lr_decay: float = typer.Option(
         0.96, "--lr-decay", help="Learning rate × this after every epoch (exponential decay)."
     ),
@@ -207,6 +213,13 @@ def train_command(
         help="Training images: random 32x32 crop of the 48x48 image plus random brightness and "
         "contrast (section 5), or the centre crop only.",
     ),
+    augment_warmup: float = typer.Option(
+        0.0,
+        "--augment-warmup",
+        metavar="EPOCHS",
+        help="Epochs over which the augmentation grows linearly from none (centre crop) to the "
+        "full ranges; 0: full from the first step.",
+    ),
     diagnostics: bool = typer.Option(
         True,
         "--diagnostics/--no-diagnostics",
@@ -244,6 +257,7 @@ def train_command(
                 routing,
                 final_lambda,
                 var_floor=var_floor,
+                parametrisation=parametrisation,
             ),
             loss=loss,
             epochs=epochs,
@@ -262,6 +276,7 @@ def train_command(
             limit_train=limit_train,
             limit_test=limit_test,
             augment=augment,
+            augment_warmup=augment_warmup,
             diagnostics=diagnostics,
         )
     reporter = RichReporter()

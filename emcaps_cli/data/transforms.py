@@ -50,12 +50,28 @@ def multicrop_offsets(image_size: int = 48, size: int = 32) -> list[tuple[int, i
     return [(c, c), (c - d, c - d), (c - d, c + d), (c + d, c - d), (c + d, c + d)]
 
 
-def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """An independent random size x size window per image, gathered without a Python loop."""
+def _offset_range(side: int, size: int, reach: float) -> tuple[int, int]:
+    """[low, high] of a crop's start along one axis: anywhere for reach >= 1, else the centre
+    start ± reach × the centre start."""
+    if reach >= 1:
+        return 0, side - size
+    centre = (side - size) // 2
+    shift = round(max(reach, 0.0) * centre)
+    return centre - shift, centre + shift
+
+
+def random_crop(
+    images: torch.Tensor, size: int, generator: torch.Generator, reach: float = 1.0
+) -> torch.Tensor:
+    """An independent random size x size window per image, gathered without a Python loop.
+
+    reach in [0, 1] scales how far the window may move from the centre (1: anywhere)."""
     n, c, h, w = images.shape
     dev = images.device
-    top = torch.randint(0, h - size + 1, (n,), generator=generator, device=dev)
-    left = torch.randint(0, w - size + 1, (n,), generator=generator, device=dev)
+    top_lo, top_hi = _offset_range(h, size, reach)
+    left_lo, left_hi = _offset_range(w, size, reach)
+    top = torch.randint(top_lo, top_hi + 1, (n,), generator=generator, device=dev)
+    left = torch.randint(left_lo, left_hi + 1, (n,), generator=generator, device=dev)
     ar = torch.arange(size, device=dev)
     rows = (top[:, None] + ar)[:, None, :, None].expand(n, c, size, size)  # (N, C, s, s)
     cols = (left[:, None] + ar)[:, None, None, :].expand(n, c, size, size)  # (N, C, s, s)
@@ -63,24 +79,37 @@ def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> 
     return flat.gather(2, (rows * w + cols).reshape(n, c, -1)).reshape(n, c, size, size)
 
 
-def random_brightness_contrast(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random contrast (about the image mean) and brightness shift."""
+def random_brightness_contrast(
+    images: torch.Tensor, generator: torch.Generator, strength: float = 1.0
+) -> torch.Tensor:
+    """Per-image random contrast (about the image mean) and brightness shift; strength in
+    [0, 1] scales both ranges about "no change"."""
     n = images.shape[0]
     dev = images.device
     u = torch.rand((n, 2), generator=generator, device=dev, dtype=images.dtype)  # (N, 2)
     lo, hi = CONTRAST_RANGE
-    contrast = (lo + (hi - lo) * u[:, 0]).view(n, 1, 1, 1)
-    brightness = (BRIGHTNESS_DELTA * (2 * u[:, 1] - 1)).view(n, 1, 1, 1)
+    contrast = lo + (hi - lo) * u[:, 0]
+    if strength != 1.0:
+        contrast = 1 + strength * (contrast - 1)
+    contrast = contrast.view(n, 1, 1, 1)
+    brightness = (strength * BRIGHTNESS_DELTA * (2 * u[:, 1] - 1)).view(n, 1, 1, 1)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     return (images - mean) * contrast + mean + brightness
 
 
 def train_batch(
-    images: torch.Tensor, channels: int, generator: torch.Generator, size: int = 32
+    images: torch.Tensor,
+    channels: int,
+    generator: torch.Generator,
+    size: int = 32,
+    strength: float = 1.0,
 ) -> torch.Tensor:
-    """uint8 (N, 2, 48, 48) -> augmented float (N, channels, size, size)."""
+    """uint8 (N, 2, 48, 48) -> augmented float (N, channels, size, size).
+
+    strength in [0, 1] scales the augmentation: 0 is the centre crop, 1 the full ranges."""
     x = standardize(select_channels(images, channels))
-    return random_brightness_contrast(random_crop(x, size, generator), generator)
+    cropped = random_crop(x, size, generator, reach=strength)
+    return random_brightness_contrast(cropped, generator, strength)
 
 
 def eval_batch(

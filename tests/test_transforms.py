@@ -1,0 +1,50 @@
+"""Training augmentation (section 5) and its warm-up."""
+
+import pytest
+import torch
+
+from emcaps_cli.data.transforms import eval_batch, train_batch
+from emcaps_cli.training import augment_strength
+
+
+def images(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 2, 48, 48), generator=g, dtype=torch.uint8)
+
+
+def test_zero_strength_is_the_centre_crop():
+    x = images()
+    out = train_batch(x, 2, torch.Generator().manual_seed(1), strength=0.0)
+    torch.testing.assert_close(out, eval_batch(x, 2), atol=1e-5, rtol=0)
+
+
+def test_full_strength_crops_anywhere_and_jitters():
+    x = images(64)
+    out = train_batch(x, 2, torch.Generator().manual_seed(1))
+    centre = eval_batch(x, 2)
+    assert (out - centre).abs().amax(dim=(1, 2, 3)).min() > 0.01  # every image changed
+
+
+def test_half_strength_stays_within_half_the_shift():
+    """At strength 0.5 the 32x32 window starts within ±4 px of the centre (8, 8): a marker
+    pixel just outside that reach never shows."""
+    x = torch.zeros(200, 2, 48, 48, dtype=torch.uint8)
+    x[:, :, 2, 2] = 255  # reachable only by windows starting at row/col <= 2
+    x[:, :, 45, 45] = 255  # only by windows starting at >= 14
+    x[:, :, 24, 24] = 128  # the centre, always inside
+
+    def peaks(out):  # brightness and contrast are affine per image: standardising undoes them
+        z = (out - out.mean(dim=(1, 2, 3), keepdim=True)) / out.std(dim=(1, 2, 3), keepdim=True)
+        return z.amax(dim=(1, 2, 3))
+
+    half = peaks(train_batch(x, 2, torch.Generator().manual_seed(2), strength=0.5))
+    full = peaks(train_batch(x, 2, torch.Generator().manual_seed(2), strength=1.0))
+    assert torch.allclose(half, half[0], atol=1e-4)  # only the centre pixel ever shows
+    assert not torch.allclose(full, full[0], atol=1e-4)
+
+
+def test_strength_rises_linearly_over_the_warmup():
+    assert augment_strength(0, 100) == 0.0
+    assert augment_strength(25, 100) == pytest.approx(0.25)
+    assert augment_strength(500, 100) == 1.0
+    assert augment_strength(0, 0) == 1.0  # no warm-up: full from the first step
