@@ -41,6 +41,16 @@ def assert_route_equals_plain(inputs, spec, vote_offset, loss):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
 
 
+def random_weighted_loss(inputs, seed):
+    """A loss that weights every output pose entry and activation by a fixed random number."""
+    g = torch.Generator().manual_seed(seed)
+    n, l, _, _ = inputs[0].shape
+    j = inputs[1].shape[1]
+    wp = torch.randn(n, l, j, 16, generator=g, dtype=D)
+    wa = torch.randn(n, l, j, generator=g, dtype=D)
+    return lambda p, a: (p * wp).sum() + (a * wa).sum()
+
+
 @pytest.mark.parametrize("pose", ["matrix", "vector"])
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("offset", [True, False])
@@ -54,14 +64,7 @@ def test_fused_equals_plain_autograd_values_and_gradients(
     inputs, vote_offset, spec = problem(
         pose, exact, offset, images=3, chunk_elements=chunk_images * per_image
     )
-    g = torch.Generator().manual_seed(9)
-    n, l, s, _ = inputs[0].shape
-    j = inputs[1].shape[1]
-    wp = torch.randn(n, l, j, 16, generator=g, dtype=D)
-    wa = torch.randn(n, l, j, generator=g, dtype=D)
-    assert_route_equals_plain(
-        inputs, spec, vote_offset, lambda p, a: (p * wp).sum() + (a * wa).sum()
-    )
+    assert_route_equals_plain(inputs, spec, vote_offset, random_weighted_loss(inputs, 9))
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -69,17 +72,10 @@ def test_fused_equals_plain_autograd_with_a_large_variance_floor(exact, kernels)
     """The variance floor reaches both kernel paths: values and gradients still agree."""
     inputs, vote_offset, spec = problem("matrix", exact, True)
     spec = dataclasses.replace(spec, var_floor=0.5)
-    g = torch.Generator().manual_seed(4)
-    n, l, s, _ = inputs[0].shape
-    j = inputs[1].shape[1]
-    wp = torch.randn(n, l, j, 16, generator=g, dtype=D)
-    wa = torch.randn(n, l, j, generator=g, dtype=D)
-    assert_route_equals_plain(
-        inputs, spec, vote_offset, lambda p, a: (p * wp).sum() + (a * wa).sum()
-    )
-    loose, _ = route(*inputs, dataclasses.replace(spec, var_floor=0.01), vote_offset)
-    tight, _ = route(*inputs, spec, vote_offset)
-    assert not torch.allclose(loose, tight)  # the floor changes the routing
+    assert_route_equals_plain(inputs, spec, vote_offset, random_weighted_loss(inputs, 4))
+    high, _ = route(*inputs, spec, vote_offset)
+    low, _ = route(*inputs, dataclasses.replace(spec, var_floor=0.01), vote_offset)
+    assert not torch.allclose(high, low)  # the floor changes the routing
 
 
 def test_fused_gradcheck(kernels):
