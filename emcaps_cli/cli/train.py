@@ -224,7 +224,7 @@ def train_command(
         True,
         "--diagnostics/--no-diagnostics",
         help="Capsule-health statistics on a fixed batch after every epoch (metrics.jsonl, "
-        "diagnostics.png; capsnet only, about a second an epoch for the small model).",
+        "diagnostics.png; capsnet only, under 2 s an epoch for the paper model).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
