@@ -436,11 +436,15 @@ def patch_warm_up(knobs: Knobs, config: training.TrainConfig) -> None:
 
 
 def crop_only_batch(
-    images: torch.Tensor, channels: int, generator: torch.Generator, size: int = 32
+    images: torch.Tensor,
+    channels: int,
+    generator: torch.Generator,
+    size: int = 32,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """`transforms.train_batch` without the brightness and contrast jitter."""
     x = transforms.standardize(transforms.select_channels(images, channels))
-    return transforms.random_crop(x, size, generator)
+    return transforms.random_crop(x, size, generator, reach=strength)
 
 
 def patch_crop_only(knobs: Knobs) -> None:
