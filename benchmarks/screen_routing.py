@@ -396,16 +396,7 @@ def patch_transform_init(knobs: Knobs) -> None:
 
 def steps_per_epoch(config: training.TrainConfig) -> int:
     """Optimiser steps per epoch of a single-process run of `config` (as training counts them)."""
-    cache = load_cache(config.data)
-    rows = training.split_indices(
-        cache.train.info,
-        cache.test.info,
-        config.split,
-        config.validation_fraction,
-        config.seed,
-        config.limit_train,
-        config.limit_test,
-    )
+    rows = training.config_split(config, load_cache(config.data))
     return math.ceil(len(rows.train) / config.batch_size)
 
 

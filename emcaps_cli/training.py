@@ -271,6 +271,19 @@ def split_indices(
     return SplitIndices(train, validation, test, familiar_mask(test_info[test], split))
 
 
+def config_split(config: TrainConfig, cache: Any) -> SplitIndices:
+    """The rows a run of `config` uses in a loaded cache (`data.cache.load_cache`)."""
+    return split_indices(
+        cache.train.info,
+        cache.test.info,
+        config.split,
+        config.validation_fraction,
+        config.seed,
+        config.limit_train,
+        config.limit_test,
+    )
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffling of epoch `epoch`: a function of (seed, epoch) only, the same on every rank,
     so resuming needs no shuffling state."""
@@ -564,15 +577,7 @@ def _train(
             f"{config.data}: images are {cache.image_size}px, smaller than the "
             f"{model_config.input_size}px crop"
         )
-    rows = split_indices(
-        cache.train.info,
-        cache.test.info,
-        config.split,
-        config.validation_fraction,
-        config.seed,
-        config.limit_train,
-        config.limit_test,
-    )
+    rows = config_split(config, cache)
 
     def on_device(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device)
@@ -828,7 +833,7 @@ def _train(
                 save_checkpoint(run_dir / LAST, checkpoint)
                 if improved:
                     save_checkpoint(run_dir / BEST, checkpoint)
-                _plot(run_dir / CURVES_PNG, history, reporter)
+                _plot(run_dir / CURVES_PNG, history, reporter, "curves")
                 if health_batch is not None:
                     _plot(run_dir / DIAGNOSTICS_PNG, history, reporter, "diagnostics")
             reporter.epoch_end(metrics)
@@ -900,12 +905,11 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _plot(
-    path: Path, history: list[dict[str, Any]], reporter: Reporter, kind: str = "learning curves"
-) -> None:
-    from emcaps_cli.plots import plot_diagnostics, plot_learning_curves
+def _plot(path: Path, history: list[dict[str, Any]], reporter: Reporter, kind: str) -> None:
+    """Draw `kind` ("curves" or "diagnostics") of the metrics history; failures become notes."""
+    from emcaps_cli import plots
 
-    draw = plot_diagnostics if kind == "diagnostics" else plot_learning_curves
+    draw = {"curves": plots.plot_learning_curves, "diagnostics": plots.plot_diagnostics}[kind]
     try:
         draw(history, path)
     except (OSError, ValueError) as exc:  # a plot must never end a training run

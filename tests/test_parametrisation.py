@@ -28,7 +28,7 @@ def test_released_form_equals_the_released_logit():
     s_b = torch.randn(5, generator=g, dtype=torch.float64)
     a_b = torch.randn(5, generator=g, dtype=torch.float64)
     for layer, beta_t in (("conv", 0.01), ("class", 0.01 / 4)):
-        bu, ba, lam = parametrisation.effective("released", layer, s_b, a_b, 0.01)
+        bu, ba, lam = parametrisation.effective_parameters("released", layer, s_b, a_b, 0.01)
         ours = procedure_1_logit(lam, masses, log_var, bu.view(1, 5, 1), ba)
         theirs = released_logit(beta_t, masses, log_var, s_b, a_b)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-9)
@@ -36,7 +36,7 @@ def test_released_form_equals_the_released_logit():
 
 def test_paper_form_is_the_identity():
     bu, ba = torch.randn(3), torch.randn(3)
-    out = parametrisation.effective("paper", "conv", bu, ba, 0.01)
+    out = parametrisation.effective_parameters("paper", "conv", bu, ba, 0.01)
     assert out[0] is bu and out[1] is ba and out[2] == 0.01
 
 

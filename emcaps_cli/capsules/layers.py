@@ -15,8 +15,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from emcaps_cli.capsules import geometry, parametrisation
+from emcaps_cli.capsules import geometry
 from emcaps_cli.capsules.fused_routing import RoutingSpec, route
+from emcaps_cli.capsules.parametrisation import effective_parameters, initialise_parameters
 from emcaps_cli.capsules.routing import VAR_FLOOR
 from emcaps_cli.capsules.votes import POSE_SIZE, compute_votes
 
@@ -34,8 +35,15 @@ class RoutingInputs(NamedTuple):
 
     def votes(self) -> torch.Tensor:
         """The votes, materialised: (N, L, J, S, 16)."""
-        votes = compute_votes(self.child_poses, self.transforms)
-        return votes if self.vote_offset is None else votes + self.vote_offset
+        return offset_votes(self.child_poses, self.transforms, self.vote_offset)
+
+
+def offset_votes(
+    child_poses: torch.Tensor, transforms: torch.Tensor, offset: torch.Tensor | None
+) -> torch.Tensor:
+    """compute_votes plus the per-slot vote offset (S, 16) when there is one."""
+    votes = compute_votes(child_poses, transforms)
+    return votes if offset is None else votes + offset
 
 
 def pose_rows(pose: str) -> tuple[int, int]:
@@ -46,11 +54,6 @@ def pose_rows(pose: str) -> tuple[int, int]:
 def init_transforms(shape: tuple[int, ...], row_len: int) -> nn.Parameter:
     """W ~ N(0, 1/row_len): a vote entry sums row_len products, so votes keep the poses' scale."""
     return nn.Parameter(torch.randn(shape) / row_len**0.5)
-
-
-def parametrisation_init(kind: str, layer: str, module: nn.Module) -> None:
-    """Initial β and W of a routing layer for its parametrisation (capsules/parametrisation.py)."""
-    parametrisation.initialise(kind, layer, module.beta_u, module.beta_a, module.transforms)
 
 
 class PrimaryCaps(nn.Module):
@@ -104,7 +107,7 @@ class ConvCaps(nn.Module):
         )
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
-        parametrisation_init(parametrisation, "conv", self)
+        initialise_parameters(parametrisation, "conv", self.beta_u, self.beta_a, self.transforms)
         self._geometry: dict[tuple, tuple] = {}
 
     def geometry(self, height: int, width: int, device: torch.device):
@@ -142,7 +145,7 @@ class ConvCaps(nn.Module):
         n, h, w, b, _ = poses.shape
         positions, child_map, _ = self.geometry(h, w, poses.device)
         a_in = activations.reshape(n, h * w, b)[:, positions].reshape(n, positions.shape[0], -1)
-        beta_u, beta_a, lam = parametrisation.effective(
+        beta_u, beta_a, lam = effective_parameters(
             self.parametrisation, "conv", self.beta_u, self.beta_a, self.final_lambda
         )
         spec = RoutingSpec(
@@ -189,7 +192,7 @@ class ClassCaps(nn.Module):
         )
         self.beta_u = nn.Parameter(torch.zeros(classes))
         self.beta_a = nn.Parameter(torch.zeros(classes))
-        parametrisation_init(parametrisation, "class", self)
+        initialise_parameters(parametrisation, "class", self.beta_u, self.beta_a, self.transforms)
         # Scaled receptive-field centres of the input grid, (H*W, 2); set by the network.
         self.register_buffer("coordinates", torch.zeros(0, 2), persistent=False)
 
@@ -213,15 +216,13 @@ class ClassCaps(nn.Module):
 
     def votes(self, poses: torch.Tensor) -> torch.Tensor:
         """poses (N, H, W, D, 16) -> votes (N, 1, classes, H*W*D, 16)."""
-        child_poses, transforms, offset = self.slot_inputs(poses)
-        votes = compute_votes(child_poses, transforms)
-        return votes if offset is None else votes + offset
+        return offset_votes(*self.slot_inputs(poses))
 
     def routing_inputs(self, poses: torch.Tensor, activations: torch.Tensor) -> RoutingInputs:
         """poses (N, H, W, D, 16), activations (N, H, W, D) -> the layer's routing problem."""
         child_poses, transforms, offset = self.slot_inputs(poses)
         a_in = activations.reshape(poses.shape[0], 1, -1)  # (N, 1, S)
-        beta_u, beta_a, lam = parametrisation.effective(
+        beta_u, beta_a, lam = effective_parameters(
             self.parametrisation, "class", self.beta_u, self.beta_a, self.final_lambda
         )
         spec = RoutingSpec(self.iters, lam, None, self.rows, self.row_len, var_floor=self.var_floor)

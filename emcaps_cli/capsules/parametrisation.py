@@ -27,7 +27,7 @@ _A_SCALE = -2500.0  # β_a per unit of a_b
 _RELEASED = {"conv": (0.5, 0.5, 0.3, 2.0), "class": (2.0, 1.0, 0.01, 0.5)}
 
 
-def initialise(
+def initialise_parameters(
     kind: str, layer: str, beta_u: torch.Tensor, beta_a: torch.Tensor, transforms: torch.Tensor
 ) -> None:
     """Set a fresh layer's parameters in place for parametrisation `kind` ("conv"/"class")."""
@@ -40,7 +40,7 @@ def initialise(
         transforms.normal_(0.0, w_std)
 
 
-def effective(
+def effective_parameters(
     kind: str, layer: str, beta_u: torch.Tensor, beta_a: torch.Tensor, final_lambda: float
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(β_u, β_a, λ_max) in Procedure 1's form, from the layer's parameters."""

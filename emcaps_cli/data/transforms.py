@@ -89,7 +89,7 @@ def random_brightness_contrast(
     u = torch.rand((n, 2), generator=generator, device=dev, dtype=images.dtype)  # (N, 2)
     lo, hi = CONTRAST_RANGE
     contrast = lo + (hi - lo) * u[:, 0]
-    if strength != 1.0:
+    if strength != 1.0:  # at full strength the draw stays bit-identical to earlier runs
         contrast = 1 + strength * (contrast - 1)
     contrast = contrast.view(n, 1, 1, 1)
     brightness = (strength * BRIGHTNESS_DELTA * (2 * u[:, 1] - 1)).view(n, 1, 1, 1)
