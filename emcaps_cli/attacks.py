@@ -27,6 +27,12 @@ from torch import nn
 
 from emcaps_cli.checkpoint import load_model
 from emcaps_cli.data.transforms import eval_batch
+from emcaps_cli.defaults import (  # noqa: F401 (re-exported)
+    DEFAULT_EPS,
+    DEFAULT_STEPS,
+    DEFAULT_TARGETED_EPS,
+    STEP_SIZE_FACTOR,
+)
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.evaluation import (
     DEFAULT_BATCH_SIZE,
@@ -36,15 +42,10 @@ from emcaps_cli.evaluation import (
     class_scores,
 )
 from emcaps_cli.losses import get_loss
+from emcaps_cli.threads import keep_fair
 
 METHODS = ("fgsm", "bim")
 ATTACK_MARGIN = 0.9  # the spread-loss margin at the end of training
-DEFAULT_EPS = tuple(round(0.05 * i, 2) for i in range(11))  # Fig. 3 left: 0 .. 0.5
-DEFAULT_TARGETED_EPS = tuple(round(0.05 * i, 2) for i in range(6))  # Fig. 3 right: 0 .. 0.25
-DEFAULT_STEPS = 10
-# BIM default step size α = 2.5 ε / steps: the iterate can cross the whole ε-ball and then
-# move along its faces (the rule of Madry et al. 2018).
-STEP_SIZE_FACTOR = 2.5
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -282,6 +283,8 @@ def run_attack(
     gradients = {id(m): GradientStats() for m in [attacker, *victims]}
     start = time.perf_counter()
     for sl in batch_slices(len(data), batch_size):
+        if device.type == "cpu":
+            keep_fair()  # threads sized to the CPUs other processes leave free
         x = eval_batch(torch.from_numpy(data.images[sl]).to(device), attacker.channels)
         y = torch.from_numpy(data.labels[sl]).to(device)
         clean_grad = {}

@@ -19,13 +19,15 @@ from torch import nn
 
 from emcaps_cli.data.transforms import eval_batch, multicrop_offsets
 from emcaps_cli.data.viewpoints import familiar_mask
+from emcaps_cli.defaults import EVAL_BATCH_SIZE
 from emcaps_cli.errors import EmcapsError
+from emcaps_cli.threads import keep_fair
 
 # smallNORB category codes 0..4, in the order of the raw `cat` files.
 CLASS_NAMES = ("animal", "human", "airplane", "truck", "car")
 
 Progress = Callable[[int], None]
-DEFAULT_BATCH_SIZE = 128  # evaluate and attack batch alike, so ε = 0 reproduces evaluate exactly
+DEFAULT_BATCH_SIZE = EVAL_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ def predict_scores(
     offsets = multicrop_offsets(images.shape[-1]) if multicrop else [None]
     out = []
     for sl in batch_slices(len(images), batch_size):
+        if device.type == "cpu":
+            keep_fair()  # threads sized to the CPUs other processes leave free
         batch = torch.from_numpy(np.ascontiguousarray(images[sl])).to(device)
         total = None
         for offset in offsets:

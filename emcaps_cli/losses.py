@@ -10,9 +10,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from emcaps_cli.defaults import LOSSES
 from emcaps_cli.errors import EmcapsError
-
-LOSSES = ("spread", "margin", "cross-entropy")
 
 
 def spread_loss(scores: torch.Tensor, target: torch.Tensor, margin: float = 0.9) -> torch.Tensor:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from emcaps_cli.capsules.parametrisation import PARAMETRISATIONS
+from emcaps_cli.defaults import PARAMETRISATIONS
 from emcaps_cli.errors import EmcapsError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MODELS = ("capsnet", "cnn")
 # Values of later fields for configs (checkpoints) written before the field existed.

@@ -45,6 +45,8 @@ from emcaps_cli.device import resolve_device
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import LOSSES, get_loss, spread_margin
 from emcaps_cli.models import ModelConfig, build_model, count_parameters
+from emcaps_cli.reporter import Reporter
+from emcaps_cli.threads import keep_fair
 
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
@@ -196,24 +198,6 @@ class TrainingInterrupted(Exception):
             f"{name}: stopped; state after the last completed step saved to {checkpoint} "
             f"(continue with --resume --out {checkpoint.parent})"
         )
-
-
-class Reporter:
-    """Progress hooks (no-ops here). Only rank 0 calls them; the CLI draws them with rich."""
-
-    def start(self, info: dict[str, Any]) -> None: ...
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None: ...
-
-    def step(self, done: int, loss: float, images_per_second: float) -> None: ...
-
-    def evaluating(self) -> None: ...
-
-    def epoch_end(self, metrics: dict[str, Any]) -> None: ...
-
-    def note(self, text: str) -> None: ...
-
-    def close(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------
@@ -480,6 +464,8 @@ def _count_errors(
     model.eval()
     for start in range(0, len(shard), batch_size):
         idx = shard[start : start + batch_size]
+        if images.device.type == "cpu":
+            keep_fair()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             scores = model(eval_batch(images[idx], channels))
         wrong = scores.float().argmax(dim=1) != labels[idx]
@@ -734,6 +720,8 @@ def _train(
                     else:
                         payload()
                     raise TrainingInterrupted(run_dir / LAST, stop.signum or signal.SIGTERM)
+                if device.type == "cpu":
+                    keep_fair()  # threads sized to the CPUs other processes leave free
                 idx = shard[
                     step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size
                 ]

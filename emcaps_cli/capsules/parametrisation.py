@@ -19,7 +19,7 @@ import math
 
 import torch
 
-PARAMETRISATIONS = ("paper", "released")
+from emcaps_cli.defaults import PARAMETRISATIONS  # noqa: F401 (re-exported)
 
 _U_SCALE = (math.log(2 * math.pi) + 1) / 2  # β_u per unit of s_b
 _A_SCALE = -2500.0  # β_a per unit of a_b

@@ -13,14 +13,23 @@ from rich.console import Console
 
 from emcaps_cli.errors import EmcapsError
 
+try:  # recent Typer vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older Typer on top of click
+    from click import exceptions as click_exceptions
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Human text and progress go to stderr; stdout stays clean for --json.
 console = Console(stderr=True)
 
 
+INTERRUPTED = "interrupted (Ctrl-C): stopped before any result was written"
+
+
 def friendly_errors(fn: F) -> F:
-    """Turn EmcapsError into `error: <message>` on stderr and exit code 2, no traceback."""
+    """Turn EmcapsError into `error: <message>` on stderr and exit code 2, and Ctrl-C into one
+    line and exit code 130; never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -29,8 +38,51 @@ def friendly_errors(fn: F) -> F:
         except EmcapsError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo(INTERRUPTED, err=True)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# Phrases of Typer's conversion errors -> what the value is not.
+_NOT_A = {"integer": "an integer", "number": "a number", "float": "a number"}
+
+
+def _option_name(param: Any) -> str:
+    longs = [o for o in getattr(param, "opts", ()) if o.startswith("--")]
+    return longs[0] if longs else str(getattr(param, "name", "value")).upper()
+
+
+def _given_value(argv: list[str], opts: list[str]) -> str | None:
+    """The value typed after one of `opts` (`--opt value` or `--opt=value`), if any."""
+    for i, arg in enumerate(argv):
+        for opt in opts:
+            if arg == opt and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1 :]
+    return None
+
+
+def usage_message(exc: Any, argv: list[str]) -> str:
+    """One line for a usage error: `--epochs: 'abc' is not an integer (see emcaps train --help)`."""
+    param = getattr(exc, "param", None)
+    hint = getattr(exc, "param_hint", None)
+    if isinstance(exc, click_exceptions.MissingParameter):
+        text = exc.format_message()
+    elif param is not None and isinstance(exc, click_exceptions.BadParameter):
+        value = _given_value(argv, list(param.opts))
+        kind = next((v for k, v in _NOT_A.items() if f"valid {k}" in exc.message), None)
+        reason = f"{value!r} is not {kind}" if kind and value is not None else exc.message
+        text = f"{_option_name(param)}: {reason}"
+    elif isinstance(hint, str):
+        text = f"{hint}: {exc.message}"
+    else:
+        text = exc.format_message()
+    text = " ".join(text.split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    return text + (f" (see `{ctx.command_path} --help`)" if ctx is not None else "")
 
 
 def print_json(payload: Any) -> None:

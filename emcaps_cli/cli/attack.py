@@ -9,16 +9,6 @@ import typer
 from rich.table import Table
 
 from emcaps_cli.attack_plots import plot_attack_curves, short_name
-from emcaps_cli.attacks import (
-    DEFAULT_EPS,
-    DEFAULT_STEPS,
-    DEFAULT_TARGETED_EPS,
-    STEP_SIZE_FACTOR,
-    AttackSettings,
-    attack_checkpoints,
-    parse_eps,
-    work_units,
-)
 from emcaps_cli.cli._common import (
     console,
     friendly_errors,
@@ -27,10 +17,15 @@ from emcaps_cli.cli._common import (
     use_kernels,
 )
 from emcaps_cli.cli.evaluate import DEFAULT_DATA, progress_bar
-from emcaps_cli.device import resolve_device
+from emcaps_cli.defaults import (
+    DEFAULT_EPS,
+    DEFAULT_STEPS,
+    DEFAULT_TARGETED_EPS,
+    EVAL_BATCH_SIZE,
+    LOSSES,
+    STEP_SIZE_FACTOR,
+)
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.evaluation import DEFAULT_BATCH_SIZE, load_test_images
-from emcaps_cli.losses import LOSSES
 
 
 def _eps_text(values: tuple[float, ...]) -> str:
@@ -116,13 +111,17 @@ def attack(
         help="Attack N evenly spaced test images (the same ones `evaluate --limit N` uses).",
     ),
     data: Path = typer.Option(DEFAULT_DATA, "--data", help="HDF5 cache from `emcaps prepare`."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per batch."),
+    batch_size: int = typer.Option(EVAL_BATCH_SIZE, "--batch-size", help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     kernels: str | None = kernels_option(),
 ) -> None:
     """Accuracy (or targeted success rate) of CKPT(s) on FGSM or BIM adversarial test images,
     for each ε, with the section 6 gradient diagnostics (share of exactly-zero input-gradient
     entries, mean |gradient|). ε is in units of the standardised image and nothing is clipped."""
+    from emcaps_cli.attacks import AttackSettings, attack_checkpoints, parse_eps, work_units
+    from emcaps_cli.device import resolve_device
+    from emcaps_cli.evaluation import load_test_images
+
     use_kernels(kernels)
     if plot is not None and plot.suffix.lower() != ".png":
         raise EmcapsError(f"--plot {plot}: expected a .png file name")

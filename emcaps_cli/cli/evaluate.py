@@ -11,7 +11,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from emcaps_cli.checkpoint import load_model
 from emcaps_cli.cli._common import (
     console,
     friendly_errors,
@@ -19,14 +18,7 @@ from emcaps_cli.cli._common import (
     print_json,
     use_kernels,
 )
-from emcaps_cli.device import resolve_device
-from emcaps_cli.evaluation import (
-    CLASS_NAMES,
-    DEFAULT_BATCH_SIZE,
-    checkpoint_split,
-    evaluate_model,
-    load_test_images,
-)
+from emcaps_cli.defaults import EVAL_BATCH_SIZE
 
 DEFAULT_DATA = Path("data/smallnorb.h5")
 
@@ -60,6 +52,8 @@ def _rate_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
 
 def print_report(result: dict[str, Any]) -> None:
     """Human-readable tables of an evaluation result, on stderr."""
+    from emcaps_cli.evaluation import CLASS_NAMES
+
     crops = f"{result['crops']} crops" if result["multicrop"] else "centre crop"
     console.print(
         f"{result['checkpoint']} ({result['model']}, {crops}): test error "
@@ -93,7 +87,7 @@ def evaluate(
         "softmax probabilities). Default: the centre crop only.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per batch."),
+    batch_size: int = typer.Option(EVAL_BATCH_SIZE, "--batch-size", help="Images per batch."),
     limit: int | None = typer.Option(
         None, "--limit", help="Evaluate N evenly spaced test images (all classes and viewpoints)."
     ),
@@ -102,6 +96,10 @@ def evaluate(
 ) -> None:
     """Test error of a checkpoint: overall, per class, confusion matrix, by azimuth and
     elevation, and familiar vs novel viewpoints for a checkpoint trained on a viewpoint split."""
+    from emcaps_cli.checkpoint import load_model
+    from emcaps_cli.device import resolve_device
+    from emcaps_cli.evaluation import checkpoint_split, evaluate_model, load_test_images
+
     use_kernels(kernels)
     torch_device = resolve_device(device)
     model, ckpt = load_model(checkpoint, torch_device)

@@ -9,16 +9,18 @@ import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from emcaps_cli.cli._common import console, friendly_errors
-from emcaps_cli.data.cache import DEFAULT_SIZE, prepare_cache
+from emcaps_cli.defaults import CACHE_IMAGE_SIZE
 
 
 @friendly_errors
 def prepare(
     raw_dir: Path = typer.Argument(..., help="Directory with the six smallNORB .mat[.gz] files."),
     out: Path = typer.Option(Path("data/smallnorb.h5"), "--out", help="HDF5 cache to write."),
-    size: int = typer.Option(DEFAULT_SIZE, "--size", help="Side of the downsampled images."),
+    size: int = typer.Option(CACHE_IMAGE_SIZE, "--size", help="Side of the downsampled images."),
 ) -> None:
     """Validate the raw smallNORB files and write a downsampled HDF5 cache (atomically)."""
+    from emcaps_cli.data.cache import prepare_cache
+
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

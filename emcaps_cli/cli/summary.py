@@ -7,7 +7,6 @@ from rich.table import Table
 
 from emcaps_cli.cli import model_options as opts
 from emcaps_cli.cli._common import console, friendly_errors, print_json
-from emcaps_cli.summary import describe
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +24,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     ) -> None:
         """Show the network's layers, output shapes (per image) and parameter counts."""
+        from emcaps_cli.summary import describe
+
         config = opts.model_config(
             model, arch, iters, pose, coord_add, channels, routing, final_lambda
         )

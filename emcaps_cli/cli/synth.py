@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from emcaps_cli.cli._common import console, friendly_errors
-from emcaps_cli.data.synth import ALL_VIEWS, write_synthetic
+from emcaps_cli.defaults import ALL_VIEWS
 
 
 @friendly_errors
@@ -25,6 +25,8 @@ def synth(
     ),
 ) -> None:
     """Render 5 categories x 10 instances of 3D toys on the smallNORB viewpoint grid."""
+    from emcaps_cli.data.synth import write_synthetic
+
     start = time.perf_counter()
     columns = (TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

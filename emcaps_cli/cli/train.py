@@ -24,13 +24,8 @@ from emcaps_cli.cli._common import (
     print_json,
     use_kernels,
 )
-from emcaps_cli.training import (
-    Reporter,
-    TrainConfig,
-    TrainingInterrupted,
-    resume_config,
-    train,
-)
+from emcaps_cli.errors import EmcapsError
+from emcaps_cli.reporter import Reporter
 
 
 def _pct(value: float | None) -> str:
@@ -229,10 +224,12 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Train on the smallNORB cache; write checkpoints, metrics and curves to RUN_DIR."""
+    from emcaps_cli.training import TrainConfig, TrainingInterrupted, resume_config, train
+
     use_kernels(kernels)
     if resume:
         if out is None:
-            raise typer.BadParameter("--resume needs --out RUN_DIR", param_hint="--resume")
+            raise EmcapsError("--resume needs --out RUN_DIR (the run to continue)")
         # Options typed on the command line (by enum name: Typer may vendor click).
         given = {
             name

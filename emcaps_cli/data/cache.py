@@ -27,10 +27,11 @@ from PIL import Image
 
 from emcaps_cli.atomic import atomic_path
 from emcaps_cli.data import smallnorb
+from emcaps_cli.defaults import CACHE_IMAGE_SIZE
 from emcaps_cli.errors import EmcapsError
 
 FORMAT_VERSION = 1
-DEFAULT_SIZE = 48
+DEFAULT_SIZE = CACHE_IMAGE_SIZE
 CHUNK_RECORDS = 64  # HDF5 chunk length: a random minibatch decompresses little it does not use
 READ_CHUNK = 1000  # stereo pairs per block while streaming a raw dat file (18 MB)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from emcaps_cli.data import smallnorb
+from emcaps_cli.defaults import ALL_VIEWS
 
 RAW = smallnorb.RAW_SIZE
 SUPERSAMPLE = 2
@@ -42,7 +43,6 @@ CAMERA_DISTANCE = 6.0
 HALF_FOV_TAN = 0.19  # tan of half the field of view: radius 1 at distance 6 spans 88%
 BASELINE = 0.25  # stereo camera separation, in object half-diagonals (~2.4° vergence)
 NOISE_SIGMA = 3.0  # grey levels
-ALL_VIEWS = 18 * 9 * 6  # 972 (azimuth, elevation, lighting) combinations per instance
 
 # (right, up, toward-camera) direction in the camera frame, intensity, ambient.
 LIGHTS = (
