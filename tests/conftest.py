@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+
+# Several tests compare two runs bit for bit (resume, kernel paths): a fixed thread count keeps
+# the thread policy (emcaps_cli/threads.py) from following the machine's load mid-suite. The
+# CLI tests' subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 # --- training: tiny HDF5 caches in the layout of emcaps_cli/data/cache.py --------------------
 
