@@ -6,6 +6,14 @@ Each measurement runs in its own subprocess so that peak RSS (CPU) belongs to it
 
     python benchmarks/bench_model.py                       # paper + small model, batch 8 and 32
     python benchmarks/bench_model.py --batch 32 --models paper --impls fused --json out.json
+    python benchmarks/bench_model.py --busy 1 --models small --batch 32 --impls fused
+
+With --busy N every configuration is measured twice in a row, quiet and then beside N busy
+processes (single-threaded CPU-bound loops, benchmarks/busy.py); the row holds both and their
+ratio. Under --busy the statistic is the median step time (the best of a few steps hides what
+a descheduled thread costs); quiet runs report the best, as before, and the median too.
+--threads auto (the default) is the library's policy (emcaps_cli/threads.py: one thread per
+CPU left over by other processes, re-read every second); a number fixes the count.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 MODELS = {"paper": "32,32,32,32", "small": "64,8,16,16"}
+WARM_UP_S = 1.5  # untimed steps first, for at least this long
 
 
 def peak_memory_mb(device) -> float:
@@ -41,8 +51,9 @@ def measure(args) -> dict:
     from emcaps_cli.device import resolve_device
     from emcaps_cli.losses import spread_loss
     from emcaps_cli.models import ModelConfig, build_model, parse_arch
+    from emcaps_cli.threads import ThreadGovernor
 
-    torch.set_num_threads(args.threads)
+    governor = ThreadGovernor(None if args.threads == "auto" else int(args.threads))
     if args.allocator == "tuned":
         keep_freed_memory()  # as the emcaps command does
     if args.chunk_elements is not None:  # both paths' chunk budget (votes per routing chunk)
@@ -83,15 +94,22 @@ def measure(args) -> dict:
             spread_loss(model(x), y, 0.5).backward()
             opt.step()
 
-    step()  # warm-up (allocations, caches)
-    sync()
+    warm_until = time.perf_counter() + WARM_UP_S
+    while True:  # warm-up (allocations, caches, the thread policy's first load sample)
+        governor.update()
+        step()
+        sync()
+        if time.perf_counter() >= warm_until:
+            break
     times = []
     for _ in range(args.repeats):
+        governor.update()
         t = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t)
     best = min(times)
+    median = statistics.median(times)
     return {
         "model": args.model,
         "arch": MODELS[args.model],
@@ -103,6 +121,8 @@ def measure(args) -> dict:
         "iters": args.iters,
         "seconds_per_batch": best,
         "images_per_s": args.batch / best,
+        "median_images_per_s": args.batch / median,
+        "threads": governor.threads,
         "peak_memory_mb": peak_memory_mb(device),
         "memory_before_mb": rss_before,
         "device": str(device),
@@ -150,6 +170,39 @@ def reference_ratio(threads: int) -> dict:
     }
 
 
+def measure_in_child(args, model, routing, batch, mode, impl) -> dict:
+    """One configuration in a fresh process (so that its peak RSS is its own)."""
+    cmd = [
+        sys.executable, __file__, "--child", "--model", model, "--mode", mode, "--impl", impl,
+        "--routing", routing, "--batch", str(batch), "--iters", str(args.iters),
+        "--threads", str(args.threads), "--repeats", str(args.repeats),
+        "--device", args.device, "--allocator", args.allocator,
+    ]  # fmt: skip
+    if args.chunk_elements is not None:
+        cmd += ["--chunk-elements", str(args.chunk_elements)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        error = out.stderr.strip()[-300:]
+        return dict(model=model, mode=mode, impl=impl, batch=batch, routing=routing, error=error)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def with_busy(quiet: dict, args, *config) -> dict:
+    """`quiet` plus the same configuration measured beside args.busy busy processes."""
+    from busy import busy_processes
+
+    with busy_processes(args.busy):
+        busy = measure_in_child(args, *config)
+    if "error" in busy:
+        return {**quiet, "busy": {"processes": args.busy, "error": busy["error"]}}
+    keys = ("images_per_s", "median_images_per_s", "threads", "peak_memory_mb")
+    return {
+        **quiet,
+        "busy": {"processes": args.busy, **{k: busy[k] for k in keys}},
+        "busy_ratio": busy["median_images_per_s"] / quiet["median_images_per_s"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["paper", "small"], choices=list(MODELS))
@@ -166,7 +219,18 @@ def main() -> None:
     )
     p.add_argument("--routing", nargs="+", default=["exact"], choices=["exact", "patch"])
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="intra-op threads: a number, or auto (the library's policy; default)",
+    )
+    p.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure each configuration beside N busy processes (default 0: quiet only)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -211,45 +275,9 @@ def main() -> None:
             for batch in args.batch:
                 for mode in args.modes:
                     for impl in args.impls:
-                        cmd = [
-                            sys.executable,
-                            __file__,
-                            "--child",
-                            "--model",
-                            model,
-                            "--mode",
-                            mode,
-                            "--impl",
-                            impl,
-                            "--routing",
-                            routing,
-                            "--batch",
-                            str(batch),
-                            "--iters",
-                            str(args.iters),
-                            "--threads",
-                            str(args.threads),
-                            "--repeats",
-                            str(args.repeats),
-                            "--device",
-                            args.device,
-                            "--allocator",
-                            args.allocator,
-                        ]
-                        if args.chunk_elements is not None:
-                            cmd += ["--chunk-elements", str(args.chunk_elements)]
-                        out = subprocess.run(cmd, capture_output=True, text=True)
-                        if out.returncode != 0:
-                            row = {
-                                "model": model,
-                                "mode": mode,
-                                "impl": impl,
-                                "batch": batch,
-                                "routing": routing,
-                                "error": out.stderr.strip()[-300:],
-                            }
-                        else:
-                            row = json.loads(out.stdout.strip().splitlines()[-1])
+                        row = measure_in_child(args, model, routing, batch, mode, impl)
+                        if args.busy and "error" not in row:
+                            row = with_busy(row, args, model, routing, batch, mode, impl)
                         rows.append(row)
                         print(_fmt(row), file=sys.stderr, flush=True)
     result = {
@@ -261,7 +289,7 @@ def main() -> None:
             "processor": platform.processor(),
         },
         "runs": rows,
-        "reference": reference_ratio(args.threads),
+        "reference": reference_ratio(2 if args.threads == "auto" else int(args.threads)),
     }
     ref = result["reference"]
     print(
@@ -279,11 +307,19 @@ def main() -> None:
 def _fmt(row: dict) -> str:
     if "error" in row:
         return f"{row['model']:5s} {row['mode']:9s} {row['impl']:5s} b={row['batch']:<3d} ERROR"
-    return (
+    text = (
         f"{row['model']:5s} {row['routing']:5s} {row['mode']:9s} {row['impl']:5s} "
         f"b={row['batch']:<3d} {row['images_per_s']:8.1f} img/s  "
-        f"peak {row['peak_memory_mb']:8.0f} MB"
+        f"peak {row['peak_memory_mb']:8.0f} MB  {row['threads']} threads"
     )
+    busy = row.get("busy")
+    if busy and "error" not in busy:
+        text += (
+            f"  | median quiet {row['median_images_per_s']:.1f}, beside {busy['processes']} "
+            f"busy {busy['median_images_per_s']:.1f} img/s ({busy['threads']} threads): "
+            f"x{row['busy_ratio']:.2f}"
+        )
+    return text
 
 
 if __name__ == "__main__":

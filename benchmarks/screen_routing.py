@@ -46,6 +46,11 @@ have moved since: lr 3e-4 for the CNN, var_floor 0.1):
                  of that parent (detached)
   class_w        re-initialise W of the class capsules as N(0, class_w²)
   conv_w         re-initialise W of both conv-capsule layers as N(0, conv_w²)
+  prim_act_w     re-initialise the primary capsules' activation 1x1 conv as N(0, w²) with bias −1
+                 (the released code's primary layer: weights std 3.0, sigmoid(x − 1))
+  prim_pose_w    re-initialise the primary capsules' pose 1x1 conv as N(0, w²), bias 0
+  bn1            BatchNorm2d after conv1 (before its ReLU), as some public implementations do
+  lr_warm        the learning rate ramps linearly from 0 over the first lr_warm optimiser steps
   warm           routing iterations ramp 1, 2, ... up to iters_final, one more every `warm`
                  epochs (steps per epoch from the training-set size)
   iters_final    where `warm` stops (default: iters)
@@ -122,12 +127,13 @@ KNOBS = frozenset(DEFAULTS) | {
     "conv_ba0", "class_ba0", "conv_bu0", "class_bu0",
     "kernels", "detach_r", "early", "centre", "relfloor",
     "class_w", "conv_w", "warm", "iters_final",
+    "prim_act_w", "prim_pose_w", "bn1", "lr_warm",
 }  # fmt: skip
 TORCH_ONLY = ("detach_r", "early", "centre", "relfloor")  # patches the C kernels never see
 # Knobs of the capsule routing or layers: meaningless for model=cnn.
 CAPSNET_ONLY = KNOBS - {
     "model", "arch", "iters", "epochs", "lr", "lr_decay", "batch", "seed", "loss",
-    "limit_train", "limit_test", "noaug", "aug_crop_only", "kernels",
+    "limit_train", "limit_test", "noaug", "aug_crop_only", "kernels", "lr_warm",
 }  # fmt: skip
 FLAG_KNOBS = ("epochs", "limit_train", "limit_test")  # knobs that have a flag of their own
 DIAG_IMAGES = 64  # first test images of the activation summary
@@ -394,6 +400,60 @@ def patch_transform_init(knobs: Knobs) -> None:
     wrap_build_model(reinitialise)
 
 
+def patch_primary_init(knobs: Knobs) -> None:
+    """prim_act_w / prim_pose_w: the primary capsules' 1x1 convolutions re-initialised."""
+    if "prim_act_w" not in knobs and "prim_pose_w" not in knobs:
+        return
+
+    @torch.no_grad()
+    def reinitialise(model: torch.nn.Module) -> None:
+        if "prim_act_w" in knobs:
+            model.primary_caps.activation.weight.normal_(0, knobs["prim_act_w"])
+            model.primary_caps.activation.bias.fill_(-1.0)
+        if "prim_pose_w" in knobs:
+            model.primary_caps.pose.weight.normal_(0, knobs["prim_pose_w"])
+            model.primary_caps.pose.bias.zero_()
+
+    wrap_build_model(reinitialise)
+
+
+def patch_batch_norm(knobs: Knobs) -> None:
+    """bn1: conv1 becomes conv1 followed by BatchNorm2d."""
+    if not knobs.get("bn1"):
+        return
+
+    def add_norm(model: torch.nn.Module) -> None:
+        conv = model.conv1
+        model.conv1 = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(conv.out_channels))
+
+    wrap_build_model(add_norm)
+
+
+def patch_lr_warm_up(knobs: Knobs) -> None:
+    """lr_warm: every Adam step k (1-based) uses lr · min(1, k / lr_warm)."""
+    ramp = knobs.get("lr_warm")
+    if not ramp:
+        return
+    base = torch.optim.Adam
+
+    class WarmAdam(base):
+        steps = 0
+
+        def step(self, closure=None):  # type: ignore[override]
+            self.steps += 1
+            factor = min(1.0, self.steps / ramp)
+            saved = [group["lr"] for group in self.param_groups]
+            for group in self.param_groups:
+                group["lr"] = group["lr"] * factor
+            try:
+                return super().step(closure)
+            finally:
+                for group, lr in zip(self.param_groups, saved, strict=True):
+                    group["lr"] = lr
+
+    training.torch.optim.Adam = WarmAdam
+
+
 def steps_per_epoch(config: training.TrainConfig) -> int:
     """Optimiser steps per epoch of a single-process run of `config` (as training counts them)."""
     rows = training.config_split(config, load_cache(config.data))
@@ -452,6 +512,9 @@ def apply_patches(knobs: Knobs, config: training.TrainConfig) -> None:
     patch_relative_floor(knobs)
     patch_centred_cost(knobs)  # after relfloor: centres its cost
     patch_transform_init(knobs)
+    patch_primary_init(knobs)
+    patch_batch_norm(knobs)
+    patch_lr_warm_up(knobs)
     patch_warm_up(knobs, config)
     patch_crop_only(knobs)
 
