@@ -18,6 +18,7 @@ bit-identical on the same hardware and number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,6 +47,7 @@ from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import LOSSES, get_loss, spread_margin
 from emcaps_cli.models import ModelConfig, build_model, count_parameters
 from emcaps_cli.reporter import Reporter
+from emcaps_cli.rundir import check_new_run, locked_run_dir
 from emcaps_cli.threads import keep_fair
 
 CONFIG_JSON = "config.json"
@@ -506,7 +508,17 @@ def train(
     """
     ctx, device = _setup_distributed(config.device)
     try:
-        return _train(config, resume, reporter or Reporter(), ctx, device)
+        if config.amp and device.type != "cuda":
+            raise EmcapsError(
+                "--amp: bf16 autocast is for CUDA only; drop --amp when training on CPU"
+            )
+        if resume and not config.out:
+            raise EmcapsError("--resume needs --out RUN_DIR (the run to continue)")
+        run_dir = Path(ctx.broadcast(config.out or _default_out()))
+        config = dataclasses.replace(config, out=str(run_dir))
+        # Only rank 0 writes the run directory, so only rank 0 holds its lock.
+        with locked_run_dir(run_dir) if ctx.main else contextlib.nullcontext():
+            return _train(config, resume, reporter or Reporter(), ctx, device)
     finally:
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -517,14 +529,9 @@ def _train(
 ) -> TrainResult:
     if not ctx.main:
         reporter = Reporter()
-    if config.amp and device.type != "cuda":
-        raise EmcapsError("--amp: bf16 autocast is for CUDA only; drop --amp when training on CPU")
-    if resume and not config.out:
-        raise EmcapsError("--resume needs --out RUN_DIR (the run to continue)")
 
     # --- run directory, config, checkpoint to resume ---------------------------------------
-    run_dir = Path(ctx.broadcast(config.out or _default_out()))
-    config = dataclasses.replace(config, out=str(run_dir))
+    run_dir = Path(config.out)
     state: dict[str, Any] | None = None
     if resume:
         state = load_checkpoint(run_dir / LAST, map_location="cpu")
@@ -548,11 +555,8 @@ def _train(
                 "pass a larger --epochs to continue"
             )
     else:
-        if (run_dir / LAST).exists():
-            raise EmcapsError(
-                f"--out {run_dir}: already holds a run ({LAST}); "
-                "pass --resume to continue it or choose another --out"
-            )
+        if ctx.main:
+            check_new_run(run_dir)
         config = config.resolved()
     model_config = config.model
 

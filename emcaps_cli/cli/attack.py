@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from emcaps_cli.atomic import check_output_file
 from emcaps_cli.attack_plots import plot_attack_curves, short_name
 from emcaps_cli.cli._common import (
     console,
@@ -123,8 +124,10 @@ def attack(
     from emcaps_cli.evaluation import load_test_images
 
     use_kernels(kernels)
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise EmcapsError(f"--plot {plot}: expected a .png file name")
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            raise EmcapsError(f"--plot {plot}: expected a .png file name")
+        check_output_file(plot, "--plot")
     if eps is None:
         eps_values = DEFAULT_TARGETED_EPS if targeted else DEFAULT_EPS
     else:
@@ -144,13 +147,16 @@ def attack(
             device=torch_device,
             progress=advance,
         )
-    if plot is not None:
-        plot_attack_curves(results, plot)
-        console.print(f"wrote {plot}")
     if json_out:
         print_json(results[0] if len(results) == 1 else results)
     else:
         print_report(results)
+    if plot is not None:
+        try:
+            plot_attack_curves(results, plot)
+        except OSError as exc:
+            raise EmcapsError(f"--plot {plot}: could not write it ({exc.strerror})") from None
+        console.print(f"wrote {plot}")
 
 
 def register(app: typer.Typer) -> None:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from emcaps_cli.atomic import atomic_path
+from emcaps_cli.atomic import atomic_path, check_output_file
 from emcaps_cli.data import smallnorb
 from emcaps_cli.defaults import CACHE_IMAGE_SIZE
 from emcaps_cli.errors import EmcapsError
@@ -130,6 +130,7 @@ def prepare_cache(
     """
     if not 1 <= size <= smallnorb.RAW_SIZE:
         raise EmcapsError(f"--size {size}: expected 1..{smallnorb.RAW_SIZE}")
+    check_output_file(out, "--out")
     files = smallnorb.find_raw_files(raw_dir)
     checked = {split: _validate_split(files, split) for split in smallnorb.SPLITS}
     out = Path(out)

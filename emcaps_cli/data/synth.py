@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emcaps_cli.atomic import check_output_dir
 from emcaps_cli.data import smallnorb
 from emcaps_cli.defaults import ALL_VIEWS
 
@@ -500,6 +501,9 @@ def write_synthetic(
     """
     if not 1 <= views <= ALL_VIEWS:
         raise smallnorb.EmcapsError(f"--views {views}: expected 1..{ALL_VIEWS}")
+    if workers < 1:
+        raise smallnorb.EmcapsError(f"--workers {workers}: need at least 1 render process")
+    check_output_dir(out_dir, "OUT_DIR")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = {split: plan_split(split, views, seed) for split in smallnorb.SPLITS}
