@@ -7,10 +7,14 @@ Layout (a dict):
     model_state     the model's state_dict
     plus whatever the writer adds (train_config, epoch, optimizer_state, rng, metrics, ...),
     all tensors / dicts / lists / str / int / float / bool / None.
+    digest          "sha256:<hex>" of everything above (`payload_digest`), checked on load, so
+                    a flipped bit that leaves the archive readable is still caught. Checkpoints
+                    written before the digest existed load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -25,6 +29,34 @@ from emcaps_cli.errors import EmcapsError
 FORMAT = "emcaps-checkpoint"
 BEST, LAST = "best.pt", "last.pt"  # the checkpoints of a run directory
 FORMAT_VERSION = 1
+DIGEST_KEY = "digest"
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add `value` to `digest` in a canonical order: dict keys sorted, tensors by dtype,
+    shape and bytes, plain values by type and repr."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"V{type(value).__name__}:{value!r};".encode())
+
+
+def payload_digest(data: dict[str, Any]) -> str:
+    """sha256 of a checkpoint's contents (tensors and plain values), without its digest."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in data.items() if k != DIGEST_KEY})
+    return "sha256:" + digest.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -33,6 +65,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         if key not in payload:
             raise ValueError(f"checkpoint payload lacks {key!r}")
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    data[DIGEST_KEY] = payload_digest(data)
     with atomic_path(path) as tmp:
         torch.save(data, tmp)
 
@@ -64,7 +97,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     for key in ("model_config", "model_state"):
         if key not in data:
             raise EmcapsError(f"{path}: checkpoint lacks {key!r}")
+    _check_integrity(path, data)
     return data
+
+
+def _check_integrity(path: Path, data: dict[str, Any]) -> None:
+    """The stored digest matches the contents, and every weight is finite."""
+    stored = data.get(DIGEST_KEY)
+    if stored is not None and stored != payload_digest(data):
+        raise EmcapsError(
+            f"{path}: checkpoint is damaged: its contents do not match the digest stored when "
+            "it was written (a changed byte); use another copy"
+        )
+    for name, tensor in data["model_state"].items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                raise EmcapsError(f"{path}: weight {name} holds inf or nan values")
 
 
 def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:

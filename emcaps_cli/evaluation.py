@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from emcaps_cli.data.transforms import eval_batch, multicrop_offsets
+from emcaps_cli.data.transforms import CROP_SIZE, eval_batch, multicrop_offsets
 from emcaps_cli.data.viewpoints import familiar_mask
 from emcaps_cli.defaults import EVAL_BATCH_SIZE
 from emcaps_cli.errors import EmcapsError
@@ -47,11 +47,12 @@ def load_test_images(path: str | os.PathLike, limit: int | None = None) -> EvalI
     round(linspace(0, total − 1, N))). Files are often sorted by class and viewpoint, so the
     first N would all be one class; evenly spaced ones cover every class and viewpoint, and
     evaluate and attack pick the same images."""
-    from emcaps_cli.data.cache import load_split
+    from emcaps_cli.data.cache import load_split, require_image_size
 
     if limit is not None and limit < 1:
         raise EmcapsError(f"--limit {limit}: expected a positive number of images")
     split = load_split(path, "test")
+    require_image_size(path, split.images.shape[-1], CROP_SIZE)
     total = len(split.labels)
     if total == 0:
         raise EmcapsError(f"{path}: the test split holds no images")

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from emcaps_cli.atomic import atomic_path
 from emcaps_cli.capsules.health import capsule_health
 from emcaps_cli.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from emcaps_cli.data.cache import load_cache
+from emcaps_cli.data.cache import load_cache, require_image_size
 from emcaps_cli.data.transforms import eval_batch, train_batch
 from emcaps_cli.data.viewpoints import SPLITS, familiar_mask
 from emcaps_cli.device import resolve_device
@@ -562,11 +562,7 @@ def _train(
 
     # --- data: the whole cache on the device as uint8 ------------------------------------------
     cache = load_cache(config.data)
-    if cache.image_size < model_config.input_size:
-        raise EmcapsError(
-            f"{config.data}: images are {cache.image_size}px, smaller than the "
-            f"{model_config.input_size}px crop"
-        )
+    require_image_size(config.data, cache.image_size, model_config.input_size)
     rows = config_split(config, cache)
 
     def on_device(array: np.ndarray) -> torch.Tensor:

@@ -52,6 +52,12 @@ def print_report(results: list[dict[str, Any]]) -> None:
     console.print(table)
     if first["targeted"]:
         console.print("in parentheses: success rate over targets other than the true class")
+    if first["source"] is not None:
+        source = first["source"]
+        console.print(
+            f"transfer: examples made with the gradients of {source['checkpoint']} "
+            f"({source['model']}, {source['loss']} loss)"
+        )
     for result in results:
         grad = result["gradient"]
         console.print(

@@ -32,11 +32,13 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def epoch_line(m: dict[str, Any]) -> str:
-    """One human line per epoch."""
-    parts = [
-        f"epoch {m['epoch']}",
-        f"loss {m['train_loss']:.4f}",
+def epoch_line(m: dict[str, Any], show_margin: bool = False) -> str:
+    """One human line per epoch. `show_margin`: the spread loss's margin, which rises over the
+    first epochs and raises the loss with it, so a rising loss need not mean divergence."""
+    parts = [f"epoch {m['epoch']}", f"loss {m['train_loss']:.4f}"]
+    if show_margin:
+        parts.append(f"(margin {m['margin']:.2f})")
+    parts += [
         f"train {_pct(m['train_error'])}",
         f"val {_pct(m['validation_error'])}",
         f"test {_pct(m['test_error'])}",
@@ -56,10 +58,12 @@ class RichReporter(Reporter):
         self.progress: Progress | None = None
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
+        self.show_margin = False
 
     def start(self, info: dict[str, Any]) -> None:
         images = info["images"]
         resumed = info["resumed_at"]
+        self.show_margin = info["config"]["loss"] == "spread"
         console.print(
             f"{'resuming' if resumed else 'training'} {info['config']['model']['model']} "
             f"({info['parameters']:,} parameters) on {info['device']}"
@@ -107,7 +111,7 @@ class RichReporter(Reporter):
     def epoch_end(self, metrics: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.advance(self.epoch_task)
-        console.print(epoch_line(metrics), soft_wrap=True)
+        console.print(epoch_line(metrics, self.show_margin), soft_wrap=True)
 
     def note(self, text: str) -> None:
         console.print(f"note: {text}")

@@ -170,15 +170,34 @@ def prepare_cache(
 # Reading
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _unreadable(path: Path, exc: OSError) -> EmcapsError:
+    """Why h5py could not open `path`: not HDF5 at all, or an HDF5 file cut short."""
+    with open(path, "rb") as handle:
+        signature = handle.read(len(HDF5_SIGNATURE))
+    if signature != HDF5_SIGNATURE:
+        return EmcapsError(f"{path}: not an HDF5 file (expected a cache from `emcaps prepare`)")
+    size = path.stat().st_size
+    why = "truncated" if "truncated" in str(exc) else "damaged"
+    return EmcapsError(
+        f"{path}: HDF5 cache is {why} ({size} bytes on disk; copy it again or re-run "
+        "`emcaps prepare`)"
+    )
+
+
 def _open(path: Path) -> h5py.File:
     if not path.exists():
-        raise EmcapsError(f"{path}: no such cache file (run `emcaps prepare RAW_DIR` first)")
+        raise EmcapsError(
+            f"{path}: no such cache file (run `emcaps prepare RAW_DIR` first, or pass --data)"
+        )
+    if not path.is_file():
+        raise EmcapsError(f"{path}: is not a file (expected a cache from `emcaps prepare`)")
     try:
         h5 = h5py.File(path, "r")
-    except OSError:
-        raise EmcapsError(
-            f"{path}: not an HDF5 file (expected a cache from `emcaps prepare`)"
-        ) from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     version = h5.attrs.get("format_version")
     if version != FORMAT_VERSION:
         h5.close()
@@ -205,11 +224,33 @@ def _read_split(h5: h5py.File, path: Path, split: str) -> Split:
             raise EmcapsError(
                 f"{path}: /{key} is {data.dtype} {data.shape}, expected {np.dtype(dtype)} {text}"
             )
-        arrays[name] = data[()]
+        arrays[name] = _read_dataset(data, path, key)
     counts = {name: len(a) for name, a in arrays.items()}
     if len(set(counts.values())) != 1:
         raise EmcapsError(f"{path}: /{split} datasets disagree on the record count {counts}")
+    smallnorb.check_labels(arrays["labels"], f"{path}: /{split}/labels")
+    smallnorb.check_info(arrays["info"], f"{path}: /{split}/info")
     return Split(**arrays)
+
+
+def _read_dataset(data: h5py.Dataset, path: Path, key: str) -> np.ndarray:
+    """All of a dataset; a chunk that fails to decompress or read is an error naming it."""
+    try:
+        return data[()]
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "read error"
+        raise EmcapsError(
+            f"{path}: /{key} is corrupted ({first}); re-run `emcaps prepare`"
+        ) from None
+
+
+def require_image_size(path: str | os.PathLike, image_size: int, crop: int) -> None:
+    """Refuse a cache whose images are smaller than the crop a model reads."""
+    if image_size < crop:
+        raise EmcapsError(
+            f"{path}: images are {image_size}px, smaller than the {crop}px crop "
+            f"(prepare the cache with --size {crop} or more)"
+        )
 
 
 def load_split(path: str | os.PathLike, split: str) -> Split:

@@ -216,19 +216,31 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     """Read and validate a cat file -> int64 (N,) categories in 0..4."""
     path = Path(path)
     labels = read_matrix(path, "cat").astype(np.int64)
+    check_labels(labels, str(path))
+    return labels
+
+
+def check_labels(labels: np.ndarray, where: str) -> None:
+    """Every category code in 0..4; else an error naming `where` and the first bad record."""
     bad = np.flatnonzero((labels < 0) | (labels >= len(CATEGORIES)))
     if bad.size:
         raise EmcapsError(
-            f"{path}: label {labels[bad[0]]} at record {bad[0]} is outside 0-4 "
+            f"{where}: label {labels[bad[0]]} at record {bad[0]} is outside 0-4 "
             f"({bad.size} bad labels)"
         )
-    return labels
 
 
 def read_info(path: str | os.PathLike) -> np.ndarray:
     """Read and validate an info file -> int64 (N, 4) instance, elevation, azimuth, lighting."""
     path = Path(path)
     info = read_matrix(path, "info").astype(np.int64)
+    check_info(info, str(path))
+    return info
+
+
+def check_info(info: np.ndarray, where: str) -> None:
+    """Every (instance, elevation, azimuth, lighting) code on the smallNORB grid; else an error
+    naming `where` and the first bad record."""
     allowed = (INSTANCES, ELEVATIONS, AZIMUTHS, LIGHTINGS)
     names = ("instance", "elevation", "azimuth", "lighting")
     ranges = ("0-9", "0-8", "even 0-34", "0-5")
@@ -236,10 +248,9 @@ def read_info(path: str | os.PathLike) -> np.ndarray:
         bad = np.flatnonzero(~np.isin(info[:, column], list(values)))
         if bad.size:
             raise EmcapsError(
-                f"{path}: {name} {info[bad[0], column]} at record {bad[0]} is outside "
+                f"{where}: {name} {info[bad[0], column]} at record {bad[0]} is outside "
                 f"{text} ({bad.size} bad rows)"
             )
-    return info
 
 
 def read_dat_header(path: str | os.PathLike) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+CROP_SIZE = 32  # side of the crop every network reads (ModelConfig.input_size)
 # Training-time photometric jitter, in standardised units.
 BRIGHTNESS_DELTA = 0.25  # add U(-0.25, 0.25) to every pixel of an image
 CONTRAST_RANGE = (0.7, 1.3)  # scale deviations from the image mean by U(0.7, 1.3)
@@ -37,12 +38,12 @@ def crop(images: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
     return images[:, :, top : top + size, left : left + size]
 
 
-def center_crop(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+def center_crop(images: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
     h, w = images.shape[-2:]
     return crop(images, (h - size) // 2, (w - size) // 2, size)
 
 
-def multicrop_offsets(image_size: int = 48, size: int = 32) -> list[tuple[int, int]]:
+def multicrop_offsets(image_size: int = 48, size: int = CROP_SIZE) -> list[tuple[int, int]]:
     """(top, left) of the test-time crops: the centre plus the four diagonal offsets
     (half-way between the centre and each corner), as in the authors' released code."""
     c = (image_size - size) // 2
@@ -101,7 +102,7 @@ def train_batch(
     images: torch.Tensor,
     channels: int,
     generator: torch.Generator,
-    size: int = 32,
+    size: int = CROP_SIZE,
     strength: float = 1.0,
 ) -> torch.Tensor:
     """uint8 (N, 2, 48, 48) -> augmented float (N, channels, size, size).
@@ -113,7 +114,10 @@ def train_batch(
 
 
 def eval_batch(
-    images: torch.Tensor, channels: int, size: int = 32, offset: tuple[int, int] | None = None
+    images: torch.Tensor,
+    channels: int,
+    size: int = CROP_SIZE,
+    offset: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """uint8 (N, 2, 48, 48) -> standardised crop (N, channels, size, size); centre by default."""
     x = standardize(select_channels(images, channels))
