@@ -428,20 +428,53 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
 
 
-def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
-    """The config of the run in `run_dir` (from its last.pt) with the RESUMABLE options replaced."""
+def _flat(config: TrainConfig) -> dict[str, Any]:
+    """A config's options by command-line name: the model options beside the training ones."""
+    train = {k: v for k, v in config.to_dict().items() if k != "model"}
+    return {**train, **config.model.to_dict()}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else f"{value}"
+
+
+def resume_conflicts(stored: TrainConfig, given: dict[str, Any]) -> list[str]:
+    """`--lr: run has 0.003, you gave 0.1` for each given option that differs from the stored
+    run and may not change on resume. `given` maps option names (as `_flat`) to values; None
+    means "not given"."""
+    kept = _flat(stored)
+    out = []
+    for name, value in given.items():
+        if name in RESUMABLE or value is None or _plain(value) == kept[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        out.append(f"{flag}: run has {_show(kept[name])}, you gave {_show(_plain(value))}")
+    return out
+
+
+def _refuse_conflicts(run_dir: Path, conflicts: list[str]) -> None:
+    if conflicts:
+        may = ", ".join("--" + r.replace("_", "-") for r in RESUMABLE if r != "out")
+        raise EmcapsError("; ".join(conflicts) + f" (resuming {run_dir}: only {may} may change)")
+
+
+def resume_config(run_dir: str | os.PathLike, **given: Any) -> TrainConfig:
+    """The config of the run in `run_dir` (from its last.pt), with the RESUMABLE options among
+    `given` applied. `given` holds options by name (model options too: `arch`, `iters`); one
+    equal to the stored value is accepted, one that differs (and may not change) is refused."""
     run_dir = Path(run_dir)
-    bad = sorted(set(overrides) - set(RESUMABLE))
-    if bad:
-        names = ", ".join("--" + b.replace("_", "-") for b in bad)
-        raise EmcapsError(
-            f"{names}: cannot change when resuming {run_dir} (only "
-            + ", ".join("--" + r.replace("_", "-") for r in RESUMABLE if r != "out")
-            + " can)"
-        )
+    unknown = sorted(set(given) - set(_flat(TrainConfig())))
+    if unknown:
+        raise ValueError(f"not training options: {', '.join(unknown)}")
     data = load_checkpoint(run_dir / LAST)
-    config = TrainConfig.from_dict(data["train_config"])
-    return dataclasses.replace(config, out=str(run_dir), **overrides)
+    stored = TrainConfig.from_dict(data["train_config"])
+    _refuse_conflicts(run_dir, resume_conflicts(stored, given))
+    changes = {k: v for k, v in given.items() if k in RESUMABLE and v is not None}
+    return dataclasses.replace(stored, **{**changes, "out": str(run_dir)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,6 +525,15 @@ def _rate(errors: float, count: float) -> float | None:
 # The loop
 
 
+def _require_data(data: str) -> None:
+    """On resume the stored cache path must still lead to the cache."""
+    if not Path(data).exists():
+        raise EmcapsError(
+            f"{data}: the cache this run was trained on is not there; pass --data PATH to "
+            "resume with the cache at its new place"
+        )
+
+
 def _default_out() -> str:
     return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
 
@@ -515,7 +557,10 @@ def train(
         if resume and not config.out:
             raise EmcapsError("--resume needs --out RUN_DIR (the run to continue)")
         run_dir = Path(ctx.broadcast(config.out or _default_out()))
-        config = dataclasses.replace(config, out=str(run_dir))
+        # The cache path is stored absolute, so a run resumes from any working directory.
+        config = dataclasses.replace(
+            config, out=str(run_dir), data=str(Path(config.data).absolute())
+        )
         # Only rank 0 writes the run directory, so only rank 0 holds its lock.
         with locked_run_dir(run_dir) if ctx.main else contextlib.nullcontext():
             return _train(config, resume, reporter or Reporter(), ctx, device)
@@ -537,18 +582,9 @@ def _train(
         state = load_checkpoint(run_dir / LAST, map_location="cpu")
         stored = TrainConfig.from_dict(state["train_config"])
         # None (loss, margin_epochs) means "as the run was started".
-        given, kept = config.to_dict(), stored.to_dict()
-        mismatched = [
-            name
-            for name in kept
-            if name not in RESUMABLE and given[name] is not None and given[name] != kept[name]
-        ]
-        if mismatched:
-            raise EmcapsError(
-                f"{run_dir / LAST}: the run was started with different "
-                + ", ".join("--" + m.replace("_", "-") for m in mismatched)
-            )
+        _refuse_conflicts(run_dir, resume_conflicts(stored, _flat(config)))
         config = dataclasses.replace(stored, **{k: getattr(config, k) for k in RESUMABLE})
+        _require_data(config.data)
         if state["epoch"] >= config.epochs:
             raise EmcapsError(
                 f"{run_dir / LAST}: already trained {state['epoch']} epochs; "

@@ -122,6 +122,23 @@ class RichReporter(Reporter):
             self.progress = None
 
 
+def _typed_options(ctx: typer.Context) -> dict[str, Any]:
+    """The options typed on the command line, by training-option name, as values to compare
+    with a stored run (source by enum name: Typer may vendor click)."""
+    typed = {
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+    } - {"resume", "json_out", "out", "kernels"}
+    renamed = {"compile_model": "compile"}
+    values = {renamed.get(n, n): ctx.params[n] for n in typed}
+    if "arch" in values:
+        values["arch"] = opts.parse_arch(values["arch"])
+    if "data" in values:
+        values["data"] = str(values["data"])
+    return values
+
+
 @friendly_errors
 def train_command(
     ctx: typer.Context,
@@ -234,16 +251,7 @@ def train_command(
     if resume:
         if out is None:
             raise EmcapsError("--resume needs --out RUN_DIR (the run to continue)")
-        # Options typed on the command line (by enum name: Typer may vendor click).
-        given = {
-            name
-            for name in ctx.params
-            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
-        } - {"resume", "json_out", "out", "kernels"}
-        renamed = {"compile_model": "compile"}
-        overrides = {renamed.get(n, n): ctx.params[n] for n in given}
-        overrides = {k: str(v) if k == "data" else v for k, v in overrides.items()}
-        config = resume_config(out, **overrides)
+        config = resume_config(out, **_typed_options(ctx))
     else:
         config = TrainConfig(
             data=str(data),
