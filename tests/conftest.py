@@ -94,3 +94,29 @@ def kernels(request):
     cpu_kernels.set_backend(request.param)
     yield request.param
     cpu_kernels.set_backend(before)
+
+
+# --- the real `emcaps` command in a subprocess ------------------------------------------------
+
+
+def run_emcaps(*args: object, cwd: str | Path | None = None, timeout: float = 300):
+    """`python -m emcaps_cli ARGS` (the `emcaps` entry point), one thread, captured output."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "emcaps_cli", *(str(a) for a in args)]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
+
+
+def assert_error_line(result, *fragments: str) -> str:
+    """Exit code 2, no traceback, stderr exactly one `error: ...` line holding `fragments`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
