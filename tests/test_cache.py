@@ -199,3 +199,47 @@ def test_wrong_dtype(tmp_path: Path) -> None:
         h5.create_dataset("train/labels", data=np.zeros(3, np.int32))
     with pytest.raises(EmcapsError, match="/train/labels is int32"):
         load_cache(path)
+
+
+# --- integrity of a cache on disk ---------------------------------------------------------
+
+
+def test_a_corrupted_chunk_is_an_error_naming_the_file_and_dataset(
+    raw_dir: Path, tmp_path: Path
+) -> None:
+    out = prepare_cache(raw_dir, tmp_path / "c.h5")
+    with h5py.File(out, "r") as h5:
+        chunk = h5["test/images"].id.get_chunk_info(0)
+    data = bytearray(out.read_bytes())
+    middle = chunk.byte_offset + chunk.size // 2
+    data[middle : middle + 8] = b"\xff" * 8
+    out.write_bytes(bytes(data))
+    with pytest.raises(EmcapsError, match=r"c\.h5: /test/images is corrupted"):
+        load_cache(out)
+
+
+def test_a_truncated_cache_is_called_truncated(raw_dir: Path, tmp_path: Path) -> None:
+    out = prepare_cache(raw_dir, tmp_path / "c.h5")
+    out.write_bytes(out.read_bytes()[: out.stat().st_size * 6 // 10])
+    with pytest.raises(EmcapsError, match="is truncated") as info:
+        load_cache(out)
+    assert "not an HDF5 file" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "row", "value", "message"),
+    [
+        ("test/labels", 2, 7, r"/test/labels: label 7 at record 2 is outside 0-4"),
+        ("train/labels", 0, -1, r"/train/labels: label -1 at record 0"),
+        ("train/info", 1, (12, 0, 0, 0), r"/train/info: instance 12 at record 1"),
+        ("test/info", 0, (0, 0, 3, 0), r"/test/info: azimuth 3 at record 0"),
+    ],
+)
+def test_labels_and_info_out_of_range_are_refused_when_the_cache_is_opened(
+    tmp_path: Path, dataset: str, row: int, value: object, message: str
+) -> None:
+    path = make_cache(tmp_path / "c.h5")
+    with h5py.File(path, "a") as h5:
+        h5[dataset][row] = value
+    with pytest.raises(EmcapsError, match=message):
+        load_cache(path)
