@@ -13,9 +13,10 @@ ctypes. The kernels split their loops with OpenMP; they bind to the OpenMP runti
 already loaded, so they run on PyTorch's threads (`torch.set_num_threads`).
 
 Which path runs is `backend()`: "auto" (the default; the C kernels for float32/float64 CPU
-tensors when they build, with a one-line warning on stderr when they do not), "c" (the C
-kernels or an error) or "torch" (the PyTorch path everywhere). GPU tensors always take the
-PyTorch path. Set it with `set_backend`, the `--kernels` option or `EMCAPS_KERNELS`.
+tensors when they build, with a one-line warning on stderr when they do not; the Triton
+kernels on CUDA), "c" (the C kernels or an error), "torch" (the PyTorch path everywhere) or
+"triton" (the Triton kernels, triton_kernels.py, or an error). `fused_routing.implementation`
+makes the choice. Set it with `set_backend`, the `--kernels` option or `EMCAPS_KERNELS`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from emcaps_cli.capsules.votes import POSE_SIZE
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
-BACKENDS = ("auto", "c", "torch")
+BACKENDS = ("auto", "c", "torch", "triton")
 
 _backend = os.environ.get("EMCAPS_KERNELS", "auto")
 _library: ctypes.CDLL | None = None
@@ -52,7 +53,8 @@ class KernelsUnavailable(RuntimeError):
 
 
 def set_backend(name: str) -> None:
-    """Choose "auto", "c" or "torch" for the routing's vote-sized work (see the module doc)."""
+    """Choose "auto", "c", "torch" or "triton" for the routing's vote-sized work (see the
+    module doc)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -68,7 +70,7 @@ def backend() -> str:
 def use_c_kernels(like: torch.Tensor) -> bool:
     """Whether routing on tensors like `like` runs on the C kernels."""
     choice = backend()
-    if choice == "torch" or like.device.type != "cpu":
+    if choice in ("torch", "triton") or like.device.type != "cpu":
         return False
     if like.dtype not in (torch.float32, torch.float64):
         if choice == "c":

@@ -26,6 +26,8 @@ Both equal plain autograd through `routing.em_routing` (tested in float64).
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -310,6 +312,66 @@ class _CVotes:
         return cpu_kernels.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
 
 
+class _TritonVotes:
+    """Votes and routing as Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1): one
+    launch per iteration forward and backward, the votes recomputed in every pass over a
+    problem's slots and their gradient never stored (triton_kernels.py)."""
+
+    @staticmethod
+    def chunk_budget() -> int:
+        return 0  # nothing vote-sized is stored: the whole batch at once
+
+    @staticmethod
+    def prepare(transforms):
+        return transforms.contiguous()
+
+    @staticmethod
+    def problem(chunk: _Chunk):
+        from emcaps_cli.capsules import triton_kernels
+
+        spec, cmap = chunk.spec, chunk.spec.child_map
+        l, s = chunk.child_poses.shape[1:3]
+        j = chunk.prepared.shape[1]
+        if cmap is None:
+            initial, table = chunk.child_poses.new_full((l, s), 1.0 / j), None
+        else:
+            count = cmap.parent_count.to(chunk.child_poses.dtype)  # (L*S,)
+            initial = (1.0 / (j * count)).view(l, s)
+            table = triton_kernels.child_table(cmap.index, cmap.num_children)
+        return triton_kernels.RoutingProblem(
+            chunk.child_poses,
+            chunk.prepared,
+            chunk.vote_offset,
+            chunk.activations_in,
+            chunk.beta_u,
+            chunk.beta_a,
+            inverse_temperatures(spec.iters, spec.final_lambda),
+            initial,
+            table,
+            spec.var_floor,
+            SUM_FLOOR,
+        )
+
+    @staticmethod
+    def forward(chunk: _Chunk, tape):
+        """Every iteration of Procedure 1 for the chunk, one kernel launch each."""
+        from emcaps_cli.capsules import triton_kernels
+
+        problem = _TritonVotes.problem(chunk)
+        poses, logit, taped = triton_kernels.route_forward(problem, tape is not None)
+        if tape is not None:
+            tape.extend(taped)
+        return poses, logit
+
+    @staticmethod
+    def backward(chunk: _Chunk, tape, transforms, grad_poses, grad_logit, need_offset):
+        """The same gradients as _TorchVotes.backward, from the kernels' hand-written backward."""
+        from emcaps_cli.capsules import triton_kernels
+
+        problem = _TritonVotes.problem(chunk)
+        return triton_kernels.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
+
+
 def _centred_votes(child_poses, matrix, vote_offset):
     """Votes (n, L, J, S, H) centred on their unweighted mean per parent, and that mean."""
     votes = votes_from_matrix(child_poses, matrix)  # (n, L, J, S, H)
@@ -427,17 +489,64 @@ def route(
             inputs = [_at_least_float32(t) for t in inputs]
             return route(*inputs[:5], spec, inputs[5])
     inputs = (child_poses, transforms, activations_in, beta_u, beta_a, vote_offset, spec)
-    if cpu_kernels.use_c_kernels(child_poses):
-        poses, logit = _apply_c(*inputs, _CVotes)
+    kind = implementation(child_poses)
+    if kind is _TorchVotes:
+        poses, logit = _FusedRouting.apply(*inputs, kind)
     else:
-        poses, logit = _FusedRouting.apply(*inputs, _TorchVotes)
+        poses, logit = _apply_eager(*inputs, kind)
     return poses, torch.sigmoid(logit)
 
 
+def implementation(like: torch.Tensor):
+    """The routing implementation for tensors like `like`, by `cpu_kernels.backend()`:
+    "triton" the Triton kernels or an error; "auto" the Triton kernels on CUDA (PyTorch ops
+    with a one-line warning when Triton is missing), the C kernels on the CPU; "c" the C
+    kernels on the CPU; "torch" PyTorch ops."""
+    choice = cpu_kernels.backend()
+    if choice == "triton" or (choice == "auto" and like.device.type == "cuda"):
+        reason = triton_unavailable(like)
+        if reason is None:
+            return _TritonVotes
+        if choice == "triton":
+            raise cpu_kernels.KernelsUnavailable(f"--kernels triton: {reason}")
+        _warn_triton_once(f"emcaps: routing on the slower PyTorch ops ({reason})")
+        return _TorchVotes
+    return _CVotes if cpu_kernels.use_c_kernels(like) else _TorchVotes
+
+
+_triton_warned = False
+
+
+def _warn_triton_once(message: str) -> None:
+    global _triton_warned
+    if not _triton_warned:
+        warnings.warn(message, stacklevel=3)
+        _triton_warned = True
+
+
 @torch.compiler.disable
-def _apply_c(*inputs):
-    """_FusedRouting on the C kernels, which torch.compile cannot trace (ctypes): under
-    `--compile` the graph is cut here and this part runs eagerly, without a warning per call."""
+def triton_unavailable(like: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot route tensors like `like`, or None when they can."""
+    if like.device.type != "cuda" and not _interpreting():
+        return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), not {like.device}"
+    if like.dtype not in (torch.float32, torch.float64):
+        return f"the Triton kernels take float32 or float64, not {like.dtype}"
+    try:
+        from emcaps_cli.capsules import triton_kernels  # noqa: F401
+    except ImportError as err:
+        return f"Triton is not importable: {err}"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@torch.compiler.disable
+def _apply_eager(*inputs):
+    """_FusedRouting on the C kernels (ctypes) or the Triton kernels, which torch.compile does
+    not trace inside an autograd Function here: under `--compile` the graph is cut at the
+    routing and this part runs eagerly, without a warning per call."""
     return _FusedRouting.apply(*inputs)
 
 
