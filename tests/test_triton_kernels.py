@@ -208,3 +208,19 @@ def test_auto_takes_triton_on_cuda_and_warns_once_when_it_cannot(monkeypatch):
         assert fused_routing.implementation(cuda_like) is fused_routing._TorchVotes
     assert len(record) == 1
     assert fused_routing.implementation(torch.zeros(1)) is not fused_routing._TritonVotes
+
+
+def test_kernels_option_takes_triton_and_refuses_it_without_a_gpu(monkeypatch):
+    import typer
+
+    from emcaps_cli.cli._common import use_kernels
+    from emcaps_cli.errors import EmcapsError
+
+    use_kernels("triton")  # the interpreter (or a GPU) is here
+    assert cpu_kernels.backend() == "triton"
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(EmcapsError, match="--kernels triton: .*need a CUDA GPU"):
+            use_kernels("triton")
+    with pytest.raises(typer.BadParameter, match="auto, c, torch, triton"):
+        use_kernels("cuda")

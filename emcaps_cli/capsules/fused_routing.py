@@ -527,7 +527,7 @@ def _warn_triton_once(message: str) -> None:
 @torch.compiler.disable
 def triton_unavailable(like: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot route tensors like `like`, or None when they can."""
-    if like.device.type != "cuda" and not _interpreting():
+    if like.device.type != "cuda" and not interpreting():
         return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), not {like.device}"
     if like.dtype not in (torch.float32, torch.float64):
         return f"the Triton kernels take float32 or float64, not {like.dtype}"
@@ -538,7 +538,8 @@ def triton_unavailable(like: torch.Tensor) -> str | None:
     return None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the interpreter (TRITON_INTERPRET=1, CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

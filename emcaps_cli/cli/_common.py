@@ -91,9 +91,10 @@ def print_json(payload: Any) -> None:
 
 
 KERNELS_HELP = (
-    "Routing kernels on the CPU: auto (C kernels, built once with the system C compiler; "
-    "PyTorch ops with a warning if that fails), c (C kernels or an error), torch (PyTorch "
-    "ops only). GPUs always use PyTorch ops. Default: $EMCAPS_KERNELS, else auto."
+    "Routing kernels: auto (Triton kernels on CUDA; on the CPU the C kernels, built once with "
+    "the system C compiler; PyTorch ops with a warning when either is unavailable), triton "
+    "(Triton kernels or an error), c (C kernels on the CPU or an error), torch (PyTorch ops "
+    "only). Default: $EMCAPS_KERNELS, else auto."
 )
 
 
@@ -110,7 +111,24 @@ def use_kernels(choice: str | None) -> None:
             cpu_kernels.set_backend(choice)
         if cpu_kernels.backend() == "c":
             cpu_kernels.library()  # build now: a failure is an error before any work starts
+        if cpu_kernels.backend() == "triton":
+            _import_triton()
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--kernels") from None
     except cpu_kernels.KernelsUnavailable as exc:
-        raise EmcapsError(f"--kernels c: {exc}") from None
+        raise EmcapsError(f"--kernels {cpu_kernels.backend()}: {exc}") from None
+
+
+def _import_triton() -> None:
+    """Load the Triton kernels now (--kernels triton): a missing Triton or GPU is an error up
+    front, not at the first routing call."""
+    import torch
+
+    from emcaps_cli.capsules import cpu_kernels, fused_routing
+
+    if not torch.cuda.is_available() and not fused_routing.interpreting():
+        raise cpu_kernels.KernelsUnavailable("the Triton kernels need a CUDA GPU, and none is here")
+    try:
+        from emcaps_cli.capsules import triton_kernels  # noqa: F401
+    except ImportError as err:
+        raise cpu_kernels.KernelsUnavailable(f"Triton is not importable ({err})") from None
