@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cache
+from conftest import assert_error_line, make_cache, run_emcaps
 from typer.testing import CliRunner
 
 from emcaps_cli.cli import app
@@ -44,6 +45,7 @@ def test_train_writes_the_run_and_resume_extends_it(tmp_path: Path) -> None:
     result = json.loads(first.stdout)
     assert result["epochs_completed"] == 1 and result["run_dir"] == str(run)
     assert "epoch 1" in first.stderr  # the one-line summary; no bars off a terminal
+    assert "margin" not in first.stderr  # cross-entropy has none
     config = json.loads((run / "config.json").read_text())
     assert config["train_config"]["loss"] == "cross-entropy"
     assert config["images"] == {"train": 27, "validation": 3, "test": 10, "test_familiar": 10}
@@ -75,3 +77,34 @@ def test_amp_on_cpu_is_refused_clearly(tmp_path: Path) -> None:
         app, ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *QUICK, "--amp"]
     )
     assert out.exit_code == 2 and "--amp" in out.output and "CUDA" in out.output
+
+
+def test_resume_is_the_same_command_plus_resume(tmp_path: Path) -> None:
+    make_cache(tmp_path / "c.h5", n_train=40, n_test=20)
+    start = ["train", "--data", "c.h5", "--out", "run", *QUICK, "--limit-train", "30"]
+    start += ["--loss", "spread", "--arch", "8,8,8,8", "--seed", "0", "--lr", "0.003"]
+    first = run_emcaps(*start, "--epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"loss \d+\.\d+  \(margin 0\.\d\d\)", first.stderr)  # the spread margin
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]
+    assert stored["data"] == str(tmp_path / "c.h5")  # absolute
+
+    same = run_emcaps(*start, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    changed = [*start[:-1], "0.1", "--arch", "8,8,8,16", "--epochs", "3", "--resume"]
+    line = assert_error_line(run_emcaps(*changed, cwd=tmp_path))
+    assert "--lr: run has 0.003, you gave 0.1" in line
+    assert "--arch: run has 8,8,8,8, you gave 8,8,8,16" in line
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = run_emcaps("train", "--out", "../run", "--resume", "--epochs", "3", cwd=elsewhere)
+    assert moved.returncode == 0, moved.stderr
+    (tmp_path / "c.h5").rename(tmp_path / "moved.h5")
+    missing = run_emcaps("train", "--out", "run", "--resume", "--epochs", "4", cwd=tmp_path)
+    assert_error_line(missing, "c.h5", "--data")
+    found = run_emcaps(
+        "train", "--out", "run", "--resume", "--epochs", "4", "--data", "moved.h5", cwd=tmp_path
+    )
+    assert found.returncode == 0, found.stderr
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4

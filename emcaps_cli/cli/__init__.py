@@ -60,4 +60,4 @@ for _name in COMMANDS:
 
 def main() -> None:
     keep_freed_memory()  # faster routing on CPU; see emcaps_cli/allocator.py
-    app()
+    app(prog_name="emcaps")  # also under `python -m emcaps_cli`
