@@ -24,7 +24,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=True)
 
 
-INTERRUPTED = "interrupted (Ctrl-C): stopped before any result was written"
+INTERRUPTED = "interrupted (Ctrl-C)"
 
 
 def friendly_errors(fn: F) -> F:
