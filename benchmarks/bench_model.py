@@ -14,6 +14,14 @@ ratio. Under --busy the statistic is the median step time (the best of a few ste
 a descheduled thread costs); quiet runs report the best, as before, and the median too.
 --threads auto (the default) is the library's policy (emcaps_cli/threads.py: one thread per
 CPU left over by other processes, re-read every second); a number fixes the count.
+
+On a GPU (`--device cuda`) the defaults become batch 32 and 128, the implementations triton,
+torch and plain, and fp32 as well as bf16 autocast (`--precision fp32 amp`); `--compile on`
+adds torch.compile'd runs. Memory is then the peak of torch.cuda.max_memory_allocated, and
+`--budget-s` stops starting configurations after that many seconds (rows say "skipped"):
+
+    python benchmarks/bench_model.py --device cuda --json gpu.json
+    python benchmarks/bench_model.py --device cuda --models paper --batch 128 --compile off on
 """
 
 from __future__ import annotations
@@ -29,6 +37,16 @@ import sys
 import time
 
 MODELS = {"paper": "32,32,32,32", "small": "64,8,16,16"}
+IMPLS = ["fused", "triton", "torch", "whole", "plain"]
+# Defaults of --batch, --impls and --precision per device kind.
+DEFAULTS = {
+    "cpu": {"batch": [8, 32], "impls": ["fused", "torch", "plain"], "precision": ["fp32"]},
+    "cuda": {
+        "batch": [32, 128],
+        "impls": ["triton", "torch", "plain"],
+        "precision": ["fp32", "amp"],
+    },
+}
 WARM_UP_S = 1.5  # untimed steps first, for at least this long
 
 
@@ -59,8 +77,8 @@ def measure(args) -> dict:
     if args.chunk_elements is not None:  # both paths' chunk budget (votes per routing chunk)
         fused_routing.VOTE_CHUNK_ELEMENTS = args.chunk_elements
         fused_routing.C_VOTE_CHUNK_ELEMENTS = args.chunk_elements
-    if args.impl == "torch":
-        cpu_kernels.set_backend("torch")  # the fused function on PyTorch ops only
+    if args.impl in ("torch", "triton"):
+        cpu_kernels.set_backend(args.impl)  # the fused function on PyTorch ops / Triton only
     if args.impl == "plain":
         layers.route = plain_route  # the naive baseline: plain autograd through every op
     elif args.impl == "whole":
@@ -74,6 +92,11 @@ def measure(args) -> dict:
     x = torch.randn(args.batch, 2, 32, 32, device=device)
     y = torch.randint(0, 5, (args.batch,), device=device)
     rss_before = peak_memory_mb(device)
+    if args.precision == "amp" and device.type != "cuda":
+        raise SystemExit("--precision amp: bf16 autocast is measured on CUDA only")
+    # bf16 autocast as `emcaps train --amp` runs it; the routing itself stays float32.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "amp")
+    network = torch.compile(model) if args.compile == "on" else model
 
     def sync():
         if device.type == "cuda":
@@ -83,15 +106,17 @@ def measure(args) -> dict:
         model.eval()
 
         def step():
-            with torch.inference_mode():
-                model(x)
+            with torch.inference_mode(), autocast:
+                network(x)
     else:
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            spread_loss(model(x), y, 0.5).backward()
+            with autocast:
+                loss = spread_loss(network(x), y, 0.5)
+            loss.backward()
             opt.step()
 
     warm_until = time.perf_counter() + WARM_UP_S
@@ -115,7 +140,9 @@ def measure(args) -> dict:
         "arch": MODELS[args.model],
         "mode": args.mode,
         "impl": args.impl,
-        "kernels": "c" if args.impl != "plain" and cpu_kernels.use_c_kernels(x) else "torch",
+        "kernels": kernels_used(args.impl, x),
+        "precision": args.precision,
+        "compile": args.compile,
         "routing": args.routing,
         "batch": args.batch,
         "iters": args.iters,
@@ -130,6 +157,16 @@ def measure(args) -> dict:
         "allocator": args.allocator,
         "chunk_elements": args.chunk_elements,
     }
+
+
+def kernels_used(impl: str, x) -> str:
+    """Which routing implementation the layers ran: triton, c, torch or plain."""
+    if impl == "plain":
+        return "plain"
+    from emcaps_cli.capsules import fused_routing
+
+    names = {fused_routing._TritonVotes: "triton", fused_routing._CVotes: "c"}
+    return names.get(fused_routing.implementation(x), "torch")
 
 
 def reference_ratio(threads: int) -> dict:
@@ -170,20 +207,25 @@ def reference_ratio(threads: int) -> dict:
     }
 
 
-def measure_in_child(args, model, routing, batch, mode, impl) -> dict:
+def measure_in_child(args, model, routing, batch, mode, impl, precision="fp32", compiled="off"):
     """One configuration in a fresh process (so that its peak RSS is its own)."""
     cmd = [
         sys.executable, __file__, "--child", "--model", model, "--mode", mode, "--impl", impl,
         "--routing", routing, "--batch", str(batch), "--iters", str(args.iters),
         "--threads", str(args.threads), "--repeats", str(args.repeats),
         "--device", args.device, "--allocator", args.allocator,
+        "--precision", precision, "--compile", compiled,
     ]  # fmt: skip
     if args.chunk_elements is not None:
         cmd += ["--chunk-elements", str(args.chunk_elements)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    config = dict(model=model, mode=mode, impl=impl, batch=batch, routing=routing,
+                  precision=precision, compile=compiled)  # fmt: skip
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {**config, "error": f"timed out after {args.child_timeout} s"}
     if out.returncode != 0:
-        error = out.stderr.strip()[-300:]
-        return dict(model=model, mode=mode, impl=impl, batch=batch, routing=routing, error=error)
+        return {**config, "error": out.stderr.strip()[-300:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -206,16 +248,39 @@ def with_busy(quiet: dict, args, *config) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["paper", "small"], choices=list(MODELS))
-    p.add_argument("--batch", nargs="+", type=int, default=[8, 32])
+    p.add_argument("--batch", nargs="+", type=int, help="default: 8 32 on the CPU, 32 128 on CUDA")
     p.add_argument("--modes", nargs="+", default=["inference", "train"])
     p.add_argument(
         "--impls",
         nargs="+",
-        default=["fused", "torch", "plain"],
-        choices=["fused", "torch", "whole", "plain"],
-        help="fused: the layers' code (C kernels on the CPU when they build); torch: the same "
-        "fused function on PyTorch ops only; whole: fused without routing the batch in chunks; "
-        "plain: plain autograd through every op (the naive baseline)",
+        choices=IMPLS,
+        help="fused: the layers' code (C kernels on the CPU when they build, Triton on CUDA); "
+        "triton: the same fused function on the Triton kernels; torch: on PyTorch ops only; "
+        "whole: fused without routing the batch in chunks; plain: plain autograd through "
+        "every op (the naive baseline). Default: fused torch plain on the CPU, triton torch "
+        "plain on CUDA",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "amp"],
+        help="fp32, or amp: bf16 autocast as `emcaps train --amp` (CUDA only). Default: fp32 "
+        "on the CPU, both on CUDA",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off"],
+        choices=["off", "on"],
+        help="on: the network under torch.compile (the routing runs eagerly inside it)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no configuration after this many seconds (the rest are marked skipped)",
+    )
+    p.add_argument(
+        "--child-timeout", type=float, default=600, help="seconds one configuration may take"
     )
     p.add_argument("--routing", nargs="+", default=["exact"], choices=["exact", "patch"])
     p.add_argument("--iters", type=int, default=3)
@@ -259,9 +324,13 @@ def main() -> None:
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args()
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    for name, value in DEFAULTS[kind].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.child:
-        args.routing = args.routing[0]
-        args.batch = args.batch[0]
+        args.routing, args.batch = args.routing[0], args.batch[0]
+        args.precision, args.compile = args.precision[0], args.compile[0]
         print(json.dumps(measure(args)))
         return
 
@@ -269,34 +338,18 @@ def main() -> None:
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if args.thp == "on" else "0"
     import torch
 
-    rows = []
-    for model in args.models:
-        for routing in args.routing:
-            for batch in args.batch:
-                for mode in args.modes:
-                    for impl in args.impls:
-                        row = measure_in_child(args, model, routing, batch, mode, impl)
-                        if args.busy and "error" not in row:
-                            row = with_busy(row, args, model, routing, batch, mode, impl)
-                        rows.append(row)
-                        print(_fmt(row), file=sys.stderr, flush=True)
-    result = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "processor": platform.processor(),
-        },
-        "runs": rows,
-        "reference": reference_ratio(2 if args.threads == "auto" else int(args.threads)),
-    }
-    ref = result["reference"]
-    print(
-        f"reference loop {ref['reference_s']:.2f} s vs fast {ref['fast_s'] * 1e3:.1f} ms "
-        f"({ref['speedup']:.0f}x) on {ref['shape']}",
-        file=sys.stderr,
-    )
+    rows = run_all(args)
+    result = {"machine": machine(args, torch), "runs": rows}
+    if kind == "cuda":
+        result["triton_over_torch"] = speedups(rows, "triton", "torch")
+    else:
+        result["reference"] = reference_ratio(2 if args.threads == "auto" else int(args.threads))
+        ref = result["reference"]
+        print(
+            f"reference loop {ref['reference_s']:.2f} s vs fast {ref['fast_s'] * 1e3:.1f} ms "
+            f"({ref['speedup']:.0f}x) on {ref['shape']}",
+            file=sys.stderr,
+        )
     text = json.dumps(result, indent=2)
     if args.json:
         with open(args.json, "w") as f:
@@ -304,11 +357,73 @@ def main() -> None:
     print(text)
 
 
+def configurations(args):
+    """(model, routing, batch, mode, impl, precision, compile) in the order they run."""
+    for model in args.models:
+        for routing in args.routing:
+            for batch in args.batch:
+                for mode in args.modes:
+                    for compiled in args.compile:
+                        for precision in args.precision:
+                            for impl in args.impls:
+                                yield model, routing, batch, mode, impl, precision, compiled
+
+
+def run_all(args) -> list[dict]:
+    """Every configuration, each in its own process, within --budget-s if given."""
+    start, rows = time.perf_counter(), []
+    for config in configurations(args):
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            keys = ("model", "routing", "batch", "mode", "impl", "precision", "compile")
+            rows.append({**dict(zip(keys, config, strict=True)), "error": "skipped: --budget-s"})
+            continue
+        row = measure_in_child(args, *config)
+        if args.busy and "error" not in row:
+            row = with_busy(row, args, *config)
+        rows.append(row)
+        print(_fmt(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def machine(args, torch) -> dict:
+    info = {
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "processor": platform.processor(),
+    }
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        import triton
+
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["triton"] = triton.__version__
+    return info
+
+
+def speedups(rows: list[dict], fast: str, slow: str) -> list[dict]:
+    """images/s of impl `fast` over `slow` for every configuration that measured both."""
+    keys = ("model", "routing", "batch", "mode", "precision", "compile")
+    speed = {
+        (row["impl"], *(row[k] for k in keys)): row["images_per_s"]
+        for row in rows
+        if "error" not in row
+    }
+    out = []
+    for (impl, *config), value in speed.items():
+        other = speed.get((slow, *config))
+        if impl == fast and other:
+            out.append({**dict(zip(keys, config, strict=True)), "ratio": value / other})
+    return out
+
+
 def _fmt(row: dict) -> str:
     if "error" in row:
         return f"{row['model']:5s} {row['mode']:9s} {row['impl']:5s} b={row['batch']:<3d} ERROR"
     text = (
-        f"{row['model']:5s} {row['routing']:5s} {row['mode']:9s} {row['impl']:5s} "
+        f"{row['model']:5s} {row['routing']:5s} {row['mode']:9s} {row['impl']:6s} "
+        f"{row['precision']:4s} compile {row['compile']:3s} "
         f"b={row['batch']:<3d} {row['images_per_s']:8.1f} img/s  "
         f"peak {row['peak_memory_mb']:8.0f} MB  {row['threads']} threads"
     )
