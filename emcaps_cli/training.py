@@ -462,6 +462,15 @@ def _refuse_conflicts(run_dir: Path, conflicts: list[str]) -> None:
         raise EmcapsError("; ".join(conflicts) + f" (resuming {run_dir}: only {may} may change)")
 
 
+def _load_last(run_dir: Path) -> dict[str, Any]:
+    """The checkpoint a resume continues."""
+    if not (run_dir / LAST).exists():
+        raise EmcapsError(
+            f"--resume: {run_dir} holds no {LAST} to continue (drop --resume to start a run)"
+        )
+    return load_checkpoint(run_dir / LAST, map_location="cpu")
+
+
 def resume_config(run_dir: str | os.PathLike, **given: Any) -> TrainConfig:
     """The config of the run in `run_dir` (from its last.pt), with the RESUMABLE options among
     `given` applied. `given` holds options by name (model options too: `arch`, `iters`); one
@@ -470,7 +479,7 @@ def resume_config(run_dir: str | os.PathLike, **given: Any) -> TrainConfig:
     unknown = sorted(set(given) - set(_flat(TrainConfig())))
     if unknown:
         raise ValueError(f"not training options: {', '.join(unknown)}")
-    data = load_checkpoint(run_dir / LAST)
+    data = _load_last(run_dir)
     stored = TrainConfig.from_dict(data["train_config"])
     _refuse_conflicts(run_dir, resume_conflicts(stored, given))
     changes = {k: v for k, v in given.items() if k in RESUMABLE and v is not None}
@@ -579,7 +588,7 @@ def _train(
     run_dir = Path(config.out)
     state: dict[str, Any] | None = None
     if resume:
-        state = load_checkpoint(run_dir / LAST, map_location="cpu")
+        state = _load_last(run_dir)
         stored = TrainConfig.from_dict(state["train_config"])
         # None (loss, margin_epochs) means "as the run was started".
         _refuse_conflicts(run_dir, resume_conflicts(stored, _flat(config)))

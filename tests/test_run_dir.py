@@ -124,3 +124,12 @@ def test_out_that_cannot_be_a_run_directory_is_one_error_line(
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: --out {out}") and reason in line
     assert blocker.read_text() == "not a directory"
+
+
+def test_resume_without_a_run_says_there_is_none_to_continue(tmp_path: Path) -> None:
+    run = tmp_path / "never-started"
+    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --resume:") and "no last.pt" in line
+    assert not run.exists()
