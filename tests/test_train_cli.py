@@ -108,3 +108,18 @@ def test_resume_is_the_same_command_plus_resume(tmp_path: Path) -> None:
     )
     assert found.returncode == 0, found.stderr
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_train_refuses_a_cache_with_a_label_out_of_range(tmp_path: Path) -> None:
+    import h5py
+
+    cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
+    with h5py.File(cache, "a") as h5:
+        h5["train/labels"][4] = 7
+    out = runner.invoke(app, ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *QUICK])
+    assert out.exit_code == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert (
+        line == f"error: {cache}: /train/labels: label 7 at record 4 is outside 0-4 (1 bad labels)"
+    )
+    assert not (tmp_path / "r").exists()
