@@ -50,6 +50,8 @@ have moved since: lr 3e-4 for the CNN, var_floor 0.1):
                  (the released code's primary layer: weights std 3.0, sigmoid(x − 1))
   prim_pose_w    re-initialise the primary capsules' pose 1x1 conv as N(0, w²), bias 0
   bn1            BatchNorm2d after conv1 (before its ReLU), as some public implementations do
+  estep_temp     τ: the E-step uses log a_j + τ log p_ij (a tempered likelihood; τ = 1 is
+                 Procedure 1), softer assignments without touching the M-step's σ and cost
   lr_warm        the learning rate ramps linearly from 0 over the first lr_warm optimiser steps
   warm           routing iterations ramp 1, 2, ... up to iters_final, one more every `warm`
                  epochs (steps per epoch from the training-set size)
@@ -127,9 +129,10 @@ KNOBS = frozenset(DEFAULTS) | {
     "conv_ba0", "class_ba0", "conv_bu0", "class_bu0",
     "kernels", "detach_r", "early", "centre", "relfloor",
     "class_w", "conv_w", "warm", "iters_final",
-    "prim_act_w", "prim_pose_w", "bn1", "lr_warm",
+    "prim_act_w", "prim_pose_w", "bn1", "lr_warm", "estep_temp",
 }  # fmt: skip
-TORCH_ONLY = ("detach_r", "early", "centre", "relfloor")  # patches the C kernels never see
+# Patches the C kernels never see.
+TORCH_ONLY = ("detach_r", "early", "centre", "relfloor", "estep_temp")
 # Knobs of the capsule routing or layers: meaningless for model=cnn.
 CAPSNET_ONLY = KNOBS - {
     "model", "arch", "iters", "epochs", "lr", "lr_decay", "batch", "seed", "loss",
@@ -351,6 +354,21 @@ def patch_relative_floor(knobs: Knobs) -> None:
     routing.m_step = m_step
 
 
+def patch_tempered_e_step(knobs: Knobs) -> None:
+    """estep_temp τ: R ∝ a_j p_ij^τ."""
+    tau = knobs.get("estep_temp")
+    if tau is None:
+        return
+    original = routing.e_step_logits
+
+    def e_step_logits(mean, variance, log_activation, ops):
+        logits = original(mean, variance, log_activation, ops)  # (N, L, J, S)
+        log_a = log_activation.unsqueeze(-1)
+        return log_a + tau * (logits - log_a)
+
+    routing.e_step_logits = e_step_logits
+
+
 def patch_centred_cost(knobs: Knobs) -> None:
     """centre: logit λ(β_a − (cost_j − mean_k cost_k)) over the J types at each position.
 
@@ -510,6 +528,7 @@ def apply_patches(knobs: Knobs, config: training.TrainConfig) -> None:
     patch_detach_assignments(knobs)
     patch_early(knobs)
     patch_relative_floor(knobs)
+    patch_tempered_e_step(knobs)
     patch_centred_cost(knobs)  # after relfloor: centres its cost
     patch_transform_init(knobs)
     patch_primary_init(knobs)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 MODELS = ("capsnet", "cnn")
 # Values of later fields for configs (checkpoints) written before the field existed.
-LEGACY_DEFAULTS = {"var_floor": 1e-4}
+LEGACY_DEFAULTS = {"var_floor": 1e-4, "likelihood_power": 1.0}
 POSES = ("matrix", "vector")
 ROUTINGS = ("exact", "patch")
 
@@ -39,6 +39,8 @@ class ModelConfig:
                     field holds it (section 4); "patch": each K x K patch routed on its own
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
     var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
+    likelihood_power τ of the E-step: R_ij ∝ a_j p_ij^τ; 1 is Procedure 1, τ < 1 tempers the
+                    assignments (docs/model.md)
     parametrisation how β_u, β_a and λ enter the routing and are initialised: "paper" or
                     "released" (the authors' code; capsules/parametrisation.py)
     """
@@ -52,6 +54,7 @@ class ModelConfig:
     routing: str = "exact"
     final_lambda: float = 0.01
     var_floor: float = 0.1
+    likelihood_power: float = 1.0
     parametrisation: str = "paper"
     num_classes: int = 5
     input_size: int = 32
@@ -74,6 +77,10 @@ class ModelConfig:
             raise EmcapsError(f"--iters {self.iters}: need at least one routing iteration")
         if not (math.isfinite(self.var_floor) and self.var_floor > 0):
             raise EmcapsError(f"--var-floor {self.var_floor}: expected a positive number")
+        if not (math.isfinite(self.likelihood_power) and self.likelihood_power > 0):
+            raise EmcapsError(
+                f"--likelihood-power {self.likelihood_power}: expected a positive number"
+            )
         if self.channels not in (1, 2):
             raise EmcapsError(f"--channels {self.channels}: expected 1 or 2")
         object.__setattr__(self, "arch", tuple(int(v) for v in self.arch))

@@ -78,6 +78,29 @@ def test_fused_equals_plain_autograd_with_a_large_variance_floor(exact, kernels)
     assert not torch.allclose(high, low)  # the floor changes the routing
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("iters", [2, 3])
+def test_fused_equals_plain_autograd_with_a_tempered_e_step(exact, iters, kernels):
+    """The E-step's likelihood power τ reaches both kernel paths: values and gradients agree."""
+    inputs, vote_offset, spec = problem("matrix", exact, True)
+    spec = dataclasses.replace(spec, iters=iters, likelihood_power=0.3)
+    assert_route_equals_plain(inputs, spec, vote_offset, random_weighted_loss(inputs, 5))
+    tempered, _ = route(*inputs, spec, vote_offset)
+    plain, _ = route(*inputs, dataclasses.replace(spec, likelihood_power=1.0), vote_offset)
+    assert not torch.allclose(tempered, plain)  # τ changes the routing
+
+
+def test_fused_gradcheck_with_a_tempered_e_step(kernels):
+    (poses, transforms, acts, beta_u, beta_a), offset, spec = problem("matrix", True, True)
+    poses, acts = poses[:1], acts[:1]
+    spec = RoutingSpec(3, 1.0, spec.child_map, 4, 4, likelihood_power=0.4)
+    args = (poses, transforms, acts, beta_u, beta_a, offset)
+    args = tuple(t.clone().requires_grad_(True) for t in args)
+    assert torch.autograd.gradcheck(
+        lambda p, w, a, bu, ba, o: route(p, w, a, bu, ba, spec, o), args, eps=1e-6, atol=1e-5
+    )
+
+
 def test_fused_gradcheck(kernels):
     (poses, transforms, acts, beta_u, beta_a), _, _ = problem("matrix", True, False)
     poses, acts = poses[:1, :2], acts[:1, :2]  # one image, two parent positions

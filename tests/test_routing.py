@@ -45,7 +45,14 @@ def test_fully_connected_routing_matches_procedure_1(iters, final_lambda):
 
 
 def small_conv_layer(
-    routing, stride, pose="matrix", in_types=2, out_types=3, seed=0, var_floor=VAR_FLOOR
+    routing,
+    stride,
+    pose="matrix",
+    in_types=2,
+    out_types=3,
+    seed=0,
+    var_floor=VAR_FLOOR,
+    likelihood_power=1.0,
 ):
     torch.manual_seed(seed)
     layer = ConvCaps(
@@ -58,6 +65,7 @@ def small_conv_layer(
         routing=routing,
         final_lambda=0.5,
         var_floor=var_floor,
+        likelihood_power=likelihood_power,
     ).double()
     with torch.no_grad():
         layer.beta_u.normal_(0, 0.5)
@@ -67,12 +75,13 @@ def small_conv_layer(
 
 @pytest.mark.parametrize("stride,side", [(1, 5), (2, 7)])
 @pytest.mark.parametrize("pose", ["matrix", "vector"])
-@pytest.mark.parametrize("var_floor", [VAR_FLOOR, 0.3])
+@pytest.mark.parametrize("var_floor,power", [(VAR_FLOOR, 1.0), (0.3, 1.0), (0.1, 0.3)])
 def test_exact_conv_routing_matches_reference_over_whole_grid(
-    stride, side, pose, var_floor, kernels
+    stride, side, pose, var_floor, power, kernels
 ):
-    """Also with a variance floor far above the default (the M-step adds it to every σ²)."""
-    layer = small_conv_layer("exact", stride, pose, var_floor=var_floor)
+    """Also with a variance floor far above the default (the M-step adds it to every σ²) and
+    with a tempered E-step (R ∝ a p^τ)."""
+    layer = small_conv_layer("exact", stride, pose, var_floor=var_floor, likelihood_power=power)
     g = torch.Generator().manual_seed(1)
     poses = torch.randn(1, side, side, 2, 16, generator=g, dtype=D)
     acts = torch.rand(1, side, side, 2, generator=g, dtype=D)
@@ -89,6 +98,7 @@ def test_exact_conv_routing_matches_reference_over_whole_grid(
         3,
         0.5,
         var_floor,
+        power,
     )
     torch.testing.assert_close(out_poses.reshape(-1, 16), ref_mu, atol=1e-6, rtol=0)
     torch.testing.assert_close(out_acts.reshape(-1), ref_a, atol=1e-6, rtol=0)

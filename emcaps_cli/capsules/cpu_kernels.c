@@ -315,7 +315,8 @@ static inline REAL NAME(log_sigmoid)(REAL x)
 /* Procedure 1 forward for a chunk of N images (routing.py has the same math in PyTorch ops):
  *   votes v = pose @ W (+ offset) of B = N·L blocks into `votes` (B, J, S, 16), their mean per
  *   row into `shift` (B·J, 16); then `iters` M-steps with E-steps between, on x = v − c.
- * a_in (B, S); beta_u, beta_a (J); lambdas (iters) the inverse temperatures.
+ * a_in (B, S); beta_u, beta_a (J); lambdas (iters) the inverse temperatures;
+ * likelihood_power τ the E-step's power on p (R ∝ a p^τ; 1 in Procedure 1).
  * child_index (L·S) and parent_count (L·S) for exact routing (children normalised over every
  * parent that holds them, ids < num_children per image), or NULL: softmax over the J types.
  * Work buffers: R (B·J, S), var (B·J, 16), log_sigmas (B·J), slot_a/slot_b (B, S),
@@ -331,13 +332,14 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                          const double *lambdas, int64_t iters, const int64_t *child_index,
                          const REAL *parent_count, int64_t num_children, int64_t N, int64_t L,
                          int64_t S, int64_t J, int64_t Q, double var_floor, double sum_floor,
-                         REAL *votes, REAL *shift, REAL *R, REAL *var, REAL *log_sigmas,
-                         REAL *slot_a,
+                         double likelihood_power, REAL *votes, REAL *shift, REAL *R,
+                         REAL *var, REAL *log_sigmas, REAL *slot_a,
                          REAL *slot_b, REAL *child_a, REAL *child_b, REAL *poses_out,
                          REAL *logit_out, REAL *const *tape)
 {
     const int64_t B = N * L, rows = B * J, C = num_children;
     const REAL log_2pi_half = (REAL)(0.5 * H * log(2.0 * 3.14159265358979323846));
+    const REAL tau = (REAL)likelihood_power, half_tau = (REAL)0.5 * tau;
 #pragma omp parallel
     {
         NAME(votes_all)(poses, tiled, offset, S, J, Q, 0, B, votes, shift);
@@ -381,7 +383,7 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
             }
             if (t == iters - 1)
                 break;
-            /* E-step: log(a_j p_j) of every (row, slot) into R */
+            /* E-step: log(a_j p_j^τ) of every (row, slot) into R (τ = 1: Procedure 1) */
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 const REAL *v = votes + r * S * H;
@@ -394,7 +396,7 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                 }
                 const REAL log_norm = log_sigmas[r] + log_2pi_half;
                 const VEC c = NAME(load)(shift + r * H), q = NAME(load)(iv), l = NAME(load)(lin);
-                const REAL base = NAME(log_sigmoid)(logit_out[r]) - log_norm;
+                const REAL base = NAME(log_sigmoid)(logit_out[r]) - tau * log_norm;
                 REAL *out = R + r * S;
                 REAL *taped = tape ? tape[2 * iters + t] + r * S : NULL;
                 for (int64_t s = 0; s < S; s += 16) {
@@ -405,7 +407,7 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
                             taped[s + i] = form[i];
                         REAL quad = form[i] + constant;
                         quad = quad < 0 ? 0 : quad;
-                        out[s + i] = base - (REAL)0.5 * quad;
+                        out[s + i] = base - half_tau * quad;
                     }
                 }
             }
@@ -495,7 +497,8 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                           const double *lambdas, int64_t iters, const int64_t *child_index,
                           const REAL *parent_count, int64_t num_children, int64_t N, int64_t L,
                           int64_t S, int64_t J, int64_t Q, double var_floor, double sum_floor,
-                          const REAL *const *tape, const REAL *g_poses, const REAL *g_logit,
+                          double likelihood_power, const REAL *const *tape,
+                          const REAL *g_poses, const REAL *g_logit,
                           REAL *votes, REAL *shift, REAL *rowbuf, REAL *gR, REAL *slot,
                           REAL *child, REAL *const *coefs, REAL *vcoef, REAL *constant,
                           REAL *grad_a, REAL *grad_bu, REAL *grad_ba, const REAL *wmat,
@@ -505,6 +508,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
     const int64_t B = N * L, rows = B * J, C = num_children, T = iters, K = 2 * iters - 1;
     const int RW = 2 * H + 1; /* rowbuf: g_mu (16), g_var (16), g_logit (1) */
     const int64_t WQ = Q * Q, GQ = Q * H; /* per (slot, type) entries of dW; of wmat */
+    const REAL tau = (REAL)likelihood_power; /* ℓ = log a − τ (log norm + quad / 2) */
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num();
@@ -683,7 +687,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                     for (int64_t s = 0; s < S; ++s) {
                         const REAL gl = rr[s] * (gg[s] - d[s]);
                         sum_gl += gl;
-                        const REAL gf = F[s] + Kc >= 0 ? (REAL)-0.5 * gl : 0;
+                        const REAL gf = F[s] + Kc >= 0 ? (REAL)-0.5 * tau * gl : 0;
                         gF[s] = gf;
                         gK += gf;
                     }
@@ -707,7 +711,7 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
                         const REAL gm = -2 * P1[h];
                         REAL giv = P2[h] + mean[h] * mean[h] * gK + gm * mean[h];
                         rb[h] = 2 * mean[h] * iv[h] * gK + gm * iv[h];
-                        rb[H + h] = -sum_gl * (REAL)0.5 / var[h] - giv / (var[h] * var[h]);
+                        rb[H + h] = -tau * sum_gl * (REAL)0.5 / var[h] - giv / (var[h] * var[h]);
                         vcoef[(r * K + T + t - 1) * H + h] = 2 * iv[h];
                         constant[(r * K + T + t - 1) * H + h] = -2 * m[h];
                     }

@@ -169,7 +169,7 @@ def _load() -> ctypes.CDLL:
     except OSError as err:
         raise KernelsUnavailable(f"could not load {target}: {err}") from err
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    problem = [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 2  # arguments()
+    problem = [ptr] * 7 + [i64] + [ptr] * 2 + [i64] * 6 + [ctypes.c_double] * 3  # arguments()
     for suffix in ("f32", "f64"):
         getattr(lib, f"votes_{suffix}").argtypes = [ptr] * 3 + [i64] * 5 + [ptr] * 2
         getattr(lib, f"route_forward_{suffix}").argtypes = problem + [ptr] * 12
@@ -268,6 +268,7 @@ class RoutingProblem:
     num_children: int
     var_floor: float
     sum_floor: float
+    likelihood_power: float = 1.0
 
     def __post_init__(self) -> None:
         dtype = self.child_poses.dtype
@@ -295,7 +296,7 @@ class RoutingProblem:
             _ptr(self.activations_in), _ptr(self.beta_u), _ptr(self.beta_a),
             (ctypes.c_double * iters)(*self.lambdas), iters,
             _ptr(self.child_index), _ptr(self.parent_count), self.num_children,
-            n, l, s, j, q, self.var_floor, self.sum_floor,
+            n, l, s, j, q, self.var_floor, self.sum_floor, self.likelihood_power,
         )  # fmt: skip
 
 

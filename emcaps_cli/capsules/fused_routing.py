@@ -64,6 +64,7 @@ class RoutingSpec:
     # C_VOTE_CHUNK_ELEMENTS on the C kernels).
     chunk_elements: int | None = None
     var_floor: float = VAR_FLOOR  # added to every σ² (routing.m_step)
+    likelihood_power: float = 1.0  # τ of the E-step, R ∝ a p^τ (routing.e_step_logits)
 
 
 class _TapedVoteOps:
@@ -221,6 +222,7 @@ class _TorchVotes:
             spec.final_lambda,
             spec.child_map,
             var_floor=spec.var_floor,
+            likelihood_power=spec.likelihood_power,
         )
         return mean + shift.squeeze(3), logit
 
@@ -247,6 +249,7 @@ class _TorchVotes:
                 spec.final_lambda,
                 spec.child_map,
                 var_floor=spec.var_floor,
+                likelihood_power=spec.likelihood_power,
             )
             outputs, grads = [], []
             for out, grad in ((mean, grad_poses), (logit, grad_logit)):
@@ -294,6 +297,7 @@ class _CVotes:
             0 if cmap is None else cmap.num_children,
             spec.var_floor,
             SUM_FLOOR,
+            spec.likelihood_power,
         )
 
     @staticmethod
@@ -582,4 +586,5 @@ def plain_route(
         spec.final_lambda,
         spec.child_map,
         var_floor=spec.var_floor,
+        likelihood_power=spec.likelihood_power,
     )

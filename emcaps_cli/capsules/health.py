@@ -75,6 +75,7 @@ def routing_health(inputs: RoutingInputs) -> dict[str, float]:
             spec.child_map,
             var_floor=spec.var_floor,
             trace=trace,
+            likelihood_power=spec.likelihood_power,
         )
         last = trace[-1]
         weight = part.stop - part.start

@@ -94,9 +94,11 @@ class ConvCaps(nn.Module):
         final_lambda: float = 0.01,
         var_floor: float = VAR_FLOOR,
         parametrisation: str = "paper",
+        likelihood_power: float = 1.0,
     ) -> None:
         super().__init__()
         self.var_floor, self.parametrisation = var_floor, parametrisation
+        self.likelihood_power = likelihood_power
         self.in_types, self.out_types = in_types, out_types
         self.kernel, self.stride, self.iters = kernel, stride, iters
         self.rows, self.row_len = pose_rows(pose)
@@ -149,7 +151,13 @@ class ConvCaps(nn.Module):
             self.parametrisation, "conv", self.beta_u, self.beta_a, self.final_lambda
         )
         spec = RoutingSpec(
-            self.iters, lam, child_map, self.rows, self.row_len, var_floor=self.var_floor
+            self.iters,
+            lam,
+            child_map,
+            self.rows,
+            self.row_len,
+            var_floor=self.var_floor,
+            likelihood_power=self.likelihood_power,
         )
         return RoutingInputs(self.patches(poses), self.transforms, a_in, beta_u, beta_a, spec, None)
 
@@ -181,9 +189,11 @@ class ClassCaps(nn.Module):
         final_lambda: float = 0.01,
         var_floor: float = VAR_FLOOR,
         parametrisation: str = "paper",
+        likelihood_power: float = 1.0,
     ) -> None:
         super().__init__()
         self.var_floor, self.parametrisation = var_floor, parametrisation
+        self.likelihood_power = likelihood_power
         self.in_types, self.classes, self.iters = in_types, classes, iters
         self.rows, self.row_len = pose_rows(pose)
         self.coord_add, self.final_lambda = coord_add, final_lambda
@@ -225,7 +235,15 @@ class ClassCaps(nn.Module):
         beta_u, beta_a, lam = effective_parameters(
             self.parametrisation, "class", self.beta_u, self.beta_a, self.final_lambda
         )
-        spec = RoutingSpec(self.iters, lam, None, self.rows, self.row_len, var_floor=self.var_floor)
+        spec = RoutingSpec(
+            self.iters,
+            lam,
+            None,
+            self.rows,
+            self.row_len,
+            var_floor=self.var_floor,
+            likelihood_power=self.likelihood_power,
+        )
         return RoutingInputs(child_poses, transforms, a_in, beta_u, beta_a, spec, offset)
 
     def forward(

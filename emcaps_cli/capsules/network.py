@@ -34,6 +34,7 @@ class CapsNet(nn.Module):
             pose=config.pose,
             final_lambda=config.final_lambda,
             var_floor=config.var_floor,
+            likelihood_power=config.likelihood_power,
             parametrisation=config.parametrisation,
         )
         self.conv1 = nn.Conv2d(config.channels, a, kernel_size=5, stride=2)

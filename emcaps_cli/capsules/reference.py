@@ -6,7 +6,8 @@ A routing problem is given densely for ONE image:
     activations (I,)      a_i
     connected  (I, J)     bool, whether j is one of i's parents
     beta_u, beta_a (J,)   per parent
-The same floors as the fast version are applied (`var_floor`, routing.SUM_FLOOR).
+The same floors as the fast version are applied (`var_floor`, routing.SUM_FLOOR), and the same
+optional tempering of the E-step (`likelihood_power` τ: R_ij ∝ a_j p_ij^τ; τ = 1 is Procedure 1).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def reference_em_routing(
     iters: int,
     final_lambda: float,
     var_floor: float = VAR_FLOOR,
+    likelihood_power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (μ (J, H), a (J,), R (I, J) from the E-step after the last M-step)."""
     n_children, n_parents, n_dims = votes.shape
@@ -66,7 +68,8 @@ def reference_em_routing(
                     (float(votes[i, j, h]) - mu[j][h]) ** 2 / (2 * sigma_sq[j][h])
                     for h in range(n_dims)
                 )
-                weighted[j] = a_out[j] * math.exp(-exponent) / math.sqrt(norm)
+                p_ij = math.exp(-exponent) / math.sqrt(norm)
+                weighted[j] = a_out[j] * p_ij**likelihood_power
             total = sum(weighted.values())
             for j in parents_of[i]:
                 R[i][j] = weighted[j] / total

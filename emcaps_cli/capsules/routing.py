@@ -143,16 +143,25 @@ def m_step(
 
 
 def e_step_logits(
-    mean: torch.Tensor, variance: torch.Tensor, log_activation: torch.Tensor, ops: VoteOps
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    log_activation: torch.Tensor,
+    ops: VoteOps,
+    likelihood_power: float = 1.0,
 ) -> torch.Tensor:
-    """log(a_j p_j) for every (child slot, parent): (N, L, J, S), Procedure 1 E-step line 2."""
+    """log(a_j p_j^τ) for every (child slot, parent): (N, L, J, S), Procedure 1 E-step line 2.
+
+    τ = `likelihood_power`; τ = 1 is Procedure 1, τ < 1 a tempered E-step (docs/model.md)."""
     h = mean.shape[-1]
     inv_var = variance.reciprocal()  # (N, L, J, H)
     # Σ_h (v − μ)²/σ² expanded as Σ v²/σ² − 2 Σ v μ/σ² + Σ μ²/σ²: matrix-vector products over h.
     quad = ops.quadratic(inv_var, mean * inv_var) + (mean.square() * inv_var).sum(-1, keepdim=True)
     quad = quad.clamp_min(0.0)  # (N, L, J, S)
     log_norm = 0.5 * variance.log().sum(-1, keepdim=True) + 0.5 * h * math.log(2 * math.pi)
-    return log_activation.unsqueeze(-1) - 0.5 * quad - log_norm  # (N, L, J, S)
+    log_p = -0.5 * quad - log_norm  # log p_j of every slot: (N, L, J, S)
+    if likelihood_power != 1.0:
+        log_p = likelihood_power * log_p
+    return log_activation.unsqueeze(-1) + log_p  # (N, L, J, S)
 
 
 def normalise_assignments(logits: torch.Tensor, child_map: ChildMap | None) -> torch.Tensor:
@@ -183,6 +192,7 @@ def routing_iterations(
     return_assignments: bool = False,
     var_floor: float = VAR_FLOOR,
     trace: list[RoutingStep] | None = None,
+    likelihood_power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The loop of Procedure 1 on centred votes. Returns (centred μ (N, L, J, H), activation
     logit (N, L, J), the last E-step's R (N, L, J, S) if `return_assignments` else None).
@@ -198,7 +208,7 @@ def routing_iterations(
             trace.append(RoutingStep(assignments, variance, logit))
         # The E-step after the last M-step changes nothing that is returned: skip it.
         if t < iters - 1 or return_assignments:
-            logits = e_step_logits(mean, variance, F.logsigmoid(logit), ops)
+            logits = e_step_logits(mean, variance, F.logsigmoid(logit), ops, likelihood_power)
             assignments = normalise_assignments(logits, child_map)
     return mean, logit, assignments if return_assignments else None
 
@@ -214,6 +224,7 @@ def em_routing(
     return_assignments: bool = False,
     var_floor: float = VAR_FLOOR,
     trace: list[RoutingStep] | None = None,
+    likelihood_power: float = 1.0,
 ):
     """Procedure 1 on given votes, differentiated by plain autograd.
 
@@ -237,6 +248,7 @@ def em_routing(
         return_assignments,
         var_floor,
         trace,
+        likelihood_power,
     )
     poses = mean + shift.squeeze(3)  # (N, L, J, H)
     activations = torch.sigmoid(logit)  # (N, L, J)

@@ -46,6 +46,14 @@ VAR_FLOOR = typer.Option(
 )
 
 
+LIKELIHOOD_POWER = typer.Option(
+    _DEFAULT.likelihood_power,
+    "--likelihood-power",
+    help="τ of EM routing's E-step, R ∝ a·p^τ: 1 is Procedure 1; below 1 the assignments stay "
+    "softer, which lets 3 iterations train (docs/model.md).",
+)
+
+
 PARAMETRISATION = typer.Option(
     _DEFAULT.parametrisation,
     "--parametrisation",

@@ -161,6 +161,7 @@ def train_command(
     routing: str = opts.ROUTING,
     final_lambda: float = opts.FINAL_LAMBDA,
     var_floor: float = opts.VAR_FLOOR,
+    likelihood_power: float = opts.LIKELIHOOD_POWER,
     parametrisation: str = opts.PARAMETRISATION,
     loss: str | None = typer.Option(
         None,
@@ -266,6 +267,7 @@ def train_command(
                 routing,
                 final_lambda,
                 var_floor=var_floor,
+                likelihood_power=likelihood_power,
                 parametrisation=parametrisation,
             ),
             loss=loss,
