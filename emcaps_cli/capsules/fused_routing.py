@@ -334,6 +334,10 @@ class _TritonVotes:
         from emcaps_cli.capsules import triton_kernels
 
         spec, cmap = chunk.spec, chunk.spec.child_map
+        if spec.likelihood_power != 1.0:
+            raise cpu_kernels.KernelsUnavailable(
+                "the Triton kernels route with likelihood power 1 only; use --kernels torch"
+            )
         l, s = chunk.child_poses.shape[1:3]
         j = chunk.prepared.shape[1]
         if cmap is None:
