@@ -224,3 +224,41 @@ def test_kernels_option_takes_triton_and_refuses_it_without_a_gpu(monkeypatch):
             use_kernels("triton")
     with pytest.raises(typer.BadParameter, match="auto, c, torch, triton"):
         use_kernels("cuda")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic
+@pytest.mark.parametrize("where", ["poses", "activations"])
+def test_a_nan_input_reaches_both_outputs_of_its_image_only(where):
+    """No max or clamp in the kernels may turn a NaN into a finite number (training's NaN
+    guard relies on NaN reaching the loss)."""
+    tensors, offset, spec = conv_problem("matrix", True, True, 2)
+    tensors = [t.clone() for t in tensors]
+    if where == "poses":
+        tensors[0][0, 0, 0, 5] = float("nan")
+    else:
+        tensors[2][0, 0, 0] = float("nan")
+    poses, acts = route(*tensors, spec, offset)
+    assert torch.isnan(poses[0]).any() and torch.isnan(acts[0]).any()
+    assert torch.isfinite(poses[1]).all() and torch.isfinite(acts[1]).all()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="about a minute in the interpreter: run on a GPU")
+def test_paper_shaped_network_on_triton_equals_the_pytorch_path():
+    """The whole network (tiny widths, stride-2 exact routing with children no parent holds,
+    the class layer): outputs and every parameter gradient, Triton against PyTorch ops."""
+    from emcaps_cli.models import ModelConfig, build_model, parse_arch
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=parse_arch("8,4,4,4"))).to(DEVICE)
+    x = torch.randn(4, 2, 32, 32, device=DEVICE)
+    results = []
+    for backend in ("torch", "triton"):
+        cpu_kernels.set_backend(backend)
+        model.zero_grad()
+        out = model(x)
+        (out * torch.arange(5, device=DEVICE)).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)

@@ -272,10 +272,10 @@ def _child_logsumexp(lse_ptr, table_ptr, norm_ptr, pairs, C, LS,
     ok = slot >= 0
     at = n[:, None] * LS + slot
     x = tl.load(lse_ptr + at, mask=ok, other=-float("inf"))  # (BC, P)
-    top = tl.max(x, axis=1)
-    live = pair < pairs
-    top = tl.where(live, top, 0.0)
-    total = top + tl.log(tl.where(live, tl.sum(tl.exp(x - top[:, None]), axis=1), 1.0))
+    # A child no parent holds (past the last stride step), or a pair past the end: nothing to do.
+    held = tl.sum(ok.to(tl.int32), axis=1) > 0
+    top = tl.where(held, tl.max(x, axis=1), 0.0)
+    total = top + tl.log(tl.where(held, tl.sum(tl.exp(x - top[:, None]), axis=1), 1.0))
     tl.store(norm_ptr + at, total[:, None] + tl.zeros_like(x), mask=ok)
 
 
