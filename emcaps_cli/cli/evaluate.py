@@ -77,7 +77,9 @@ def print_report(result: dict[str, Any]) -> None:
 @friendly_errors
 def evaluate(
     checkpoint: Path = typer.Argument(
-        ..., help="Checkpoint written by `emcaps train`, or its run directory (uses best.pt)."
+        ...,
+        metavar="CKPT",
+        help="Checkpoint written by `emcaps train`, or its run directory (uses best.pt).",
     ),
     data: Path = typer.Option(DEFAULT_DATA, "--data", help="HDF5 cache from `emcaps prepare`."),
     multicrop: bool = typer.Option(

@@ -14,7 +14,9 @@ from emcaps_cli.defaults import CACHE_IMAGE_SIZE
 
 @friendly_errors
 def prepare(
-    raw_dir: Path = typer.Argument(..., help="Directory with the six smallNORB .mat[.gz] files."),
+    raw_dir: Path = typer.Argument(
+        ..., metavar="RAW_DIR", help="Directory with the six smallNORB .mat[.gz] files."
+    ),
     out: Path = typer.Option(Path("data/smallnorb.h5"), "--out", help="HDF5 cache to write."),
     size: int = typer.Option(CACHE_IMAGE_SIZE, "--size", help="Side of the downsampled images."),
 ) -> None:

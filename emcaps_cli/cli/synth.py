@@ -14,7 +14,9 @@ from emcaps_cli.defaults import ALL_VIEWS
 
 @friendly_errors
 def synth(
-    out_dir: Path = typer.Argument(..., help="Directory for the six .mat files."),
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT_DIR", help="Directory for the six .mat files."
+    ),
     views: int = typer.Option(
         ALL_VIEWS, "--views", help="Viewpoint/lighting combinations per instance (1..972)."
     ),
