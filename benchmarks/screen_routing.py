@@ -50,6 +50,8 @@ have moved since: lr 3e-4 for the CNN, var_floor 0.1):
                  (the released code's primary layer: weights std 3.0, sigmoid(x − 1))
   prim_pose_w    re-initialise the primary capsules' pose 1x1 conv as N(0, w²), bias 0
   bn1            BatchNorm2d after conv1 (before its ReLU), as some public implementations do
+  likelihood_power  the model's E-step power τ (ModelConfig.likelihood_power; default 1, both
+                 kernel paths)
   estep_temp     τ: the E-step uses log a_j + τ log p_ij (a tempered likelihood; τ = 1 is
                  Procedure 1), softer assignments without touching the M-step's σ and cost
   lr_warm        the learning rate ramps linearly from 0 over the first lr_warm optimiser steps
@@ -122,6 +124,7 @@ DEFAULTS: Knobs = {
     "batch": 32,
     "seed": 0,
     "var_floor": 1e-4,
+    "likelihood_power": 1.0,
 }
 KNOBS = frozenset(DEFAULTS) | {
     "loss", "limit_train", "limit_test", "noaug", "aug_crop_only",
@@ -229,6 +232,7 @@ def train_config(knobs: Knobs, data: Path, out: Path) -> training.TrainConfig:
         model=knob(knobs, "model"),
         arch=parse_arch(arch) if isinstance(arch, str) else tuple(arch),
         iters=knob(knobs, "iters"),
+        likelihood_power=knob(knobs, "likelihood_power"),
     )
     return training.TrainConfig(
         data=str(data),
