@@ -262,3 +262,26 @@ def test_paper_shaped_network_on_triton_equals_the_pytorch_path():
     torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-4)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
+
+
+def test_kernels_compile_for_a_hopper_gpu_without_spilling_registers():
+    """The interpreter never compiles: this runs Triton's compiler and ptxas for sm_90 on the
+    paper's conv-capsule shape (matrix poses, J = 32 parents of S = 288 slots), no GPU needed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"this Triton ships no ptxas ({ptxas})")
+    script = Path(__file__).with_name("helpers_triton_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(script), "4", "288", "32"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {row["kernel"] for row in rows} == {"_forward_step", "_backward_step"}
+    for row in rows:
+        assert row["registers"] is not None and row["spill_bytes"] == 0, row

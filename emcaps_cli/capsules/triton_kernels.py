@@ -44,7 +44,10 @@ import triton.language as tl
 
 from emcaps_cli.capsules.votes import POSE_SIZE
 
-BLOCK_S = 16  # child slots per tile: (BLOCK_J, 16, 16) values per pass
+# Values per (BLOCK_J, BLOCK_S, 16) tile: at 4,096 and 8 warps no kernel spills registers when
+# compiled for sm_90 (ptxas, paper shapes J = 32, S = 288; 16 slots per tile spilled).
+TILE_VALUES = 4096
+BLOCK_S: int | None = None  # child slots per tile; None: as many as TILE_VALUES allows
 BLOCK_C = 64  # (image, child) pairs per program of the child reductions
 
 
@@ -458,11 +461,12 @@ class RoutingProblem:
                 self.beta_a, self.initial)  # fmt: skip
 
     def meta(self) -> dict:
-        _, _, _, j, q = self.shape
+        _, _, s, j, q = self.shape
         block_j = triton.next_power_of_2(j)
-        # A tile is BLOCK_J x BLOCK_S x 16 values, several live at once: 8 warps from 8,192.
-        warps = 8 if block_j * BLOCK_S * POSE_SIZE >= 8192 else 4
-        return dict(Q=q, HAS_OFFSET=self.offset is not None, BLOCK_J=block_j, BLOCK_S=BLOCK_S,
+        block_s = BLOCK_S or min(max(TILE_VALUES // (block_j * POSE_SIZE), 1),
+                                 triton.next_power_of_2(s))  # fmt: skip
+        warps = 8 if block_j * block_s * POSE_SIZE >= TILE_VALUES else 4
+        return dict(Q=q, HAS_OFFSET=self.offset is not None, BLOCK_J=block_j, BLOCK_S=block_s,
                     num_warps=warps)  # fmt: skip
 
 
