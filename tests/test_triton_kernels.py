@@ -8,6 +8,7 @@ kernel: 4 parent positions of 9 slots), 3 parent types.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -159,6 +160,27 @@ def test_slots_in_several_tiles_with_a_partial_last_one(monkeypatch):
     """9 slots in tiles of 4: the per-problem sums run over 3 tiles, the last one masked."""
     monkeypatch.setattr(triton_kernels, "BLOCK_S", 4)
     assert_triton_equals_plain(*conv_problem("matrix", True, True, 2, images=1, seed=3), F64)
+
+
+def test_batch_routed_in_chunks_and_backward_twice_with_a_retained_graph():
+    """Chunks of one image give the whole batch's results, and the tape the backward reads
+    survives a first backward pass."""
+    tensors, offset, spec = conv_problem("matrix", True, True, 2, seed=5)
+    whole = [t.clone().requires_grad_(True) for t in tensors]
+    chunked = [t.clone().requires_grad_(True) for t in tensors]
+    per_image = 4 * 9 * 3 * 16  # positions x slots x parent types x pose entries
+    one_at_a_time = dataclasses.replace(spec, chunk_elements=per_image)
+    first = route(*whole, spec, offset)
+    second = route(*chunked, one_at_a_time, offset)
+    for x, y in zip(first, second, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=0)
+    loss = weighted_loss(*first)
+    once = torch.autograd.grad(loss, whole, retain_graph=True)
+    twice = torch.autograd.grad(loss, whole)
+    by_chunks = torch.autograd.grad(weighted_loss(*second), chunked)
+    for a, b, c in zip(once, twice, by_chunks, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-11, rtol=1e-9)
 
 
 def test_float32_and_bf16_autocast_keep_routing_in_float32():
