@@ -157,8 +157,10 @@ def test_class_layer_with_coordinate_addition_equals_plain_autograd(pose, iters)
 
 
 def test_slots_in_several_tiles_with_a_partial_last_one(monkeypatch):
-    """9 slots in tiles of 4: the per-problem sums run over 3 tiles, the last one masked."""
+    """9 slots in tiles of 4: the per-problem sums run over 3 tiles, the last one masked; and 4
+    programs share 3 copies of dL/dW."""
     monkeypatch.setattr(triton_kernels, "BLOCK_S", 4)
+    monkeypatch.setattr(triton_kernels, "GRADIENT_COPIES", 3)
     assert_triton_equals_plain(*conv_problem("matrix", True, True, 2, images=1, seed=3), F64)
 
 

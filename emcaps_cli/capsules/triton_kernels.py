@@ -27,9 +27,10 @@ recomputing the iteration's M-step from the taped E-step logits (three passes ov
 tiles, votes recomputed in each): the E-step's gradient (from the next iteration's dL/dR via
 the softmax over each child's parents), the M-step's gradient, and the vote gradient of that
 iteration, which is mapped at once to the poses (each program owns its rows), W and the vote
-offset (atomic adds); dL/dR_t and Σ_j R dL/dR per slot go to the next launch, with
-`_child_sum` in between for exact routing. All arithmetic runs in the inputs' dtype: float32 on
-the GPU (`fused_routing.route` casts bf16/fp16 up), float64 in the interpreter tests.
+offset (atomic adds into one of GRADIENT_COPIES copies, summed at the end); dL/dR_t and
+Σ_j R dL/dR per slot go to the next launch, with `_child_sum` in between for exact routing.
+All arithmetic runs in the inputs' dtype: float32 on the GPU (`fused_routing.route` casts
+bf16/fp16 up), float64 in the interpreter tests.
 
 The tests run these kernels on CPU tensors under TRITON_INTERPRET=1 against plain autograd.
 """
@@ -48,6 +49,10 @@ from emcaps_cli.capsules.votes import POSE_SIZE
 # compiled for sm_90 (ptxas, paper shapes J = 32, S = 288; 16 slots per tile spilled).
 TILE_VALUES = 4096
 BLOCK_S: int | None = None  # child slots per tile; None: as many as TILE_VALUES allows
+# dL/dW and dL/doffset are summed with atomic adds into this many copies (program p adds into
+# copy p mod GRADIENT_COPIES, the copies are summed at the end), so that fewer programs contend
+# for one address: 16 copies of the paper's largest W gradient are 9.4 MB.
+GRADIENT_COPIES = 16
 BLOCK_C = 64  # (image, child) pairs per program of the child reductions
 
 
@@ -178,7 +183,7 @@ def _vote_gradient_to_inputs(g_v, poses_ptr, w_ptr, g_poses_ptr, g_w_ptr, g_off_
                              s_idx, j_idx, S, J, Q: tl.constexpr, ROWS: tl.constexpr,
                              HAS_OFFSET: tl.constexpr):  # fmt: skip
     """Adds a tile's vote gradient g_v (BJ, BS, 16) to dL/dposes (this program's rows),
-    dL/dW and dL/doffset (shared: atomic adds)."""
+    dL/dW and dL/doffset (shared with other programs: atomic adds into this program's copy)."""
     h_idx = tl.arange(0, 16)
     s_ok, j_ok = s_idx < S, j_idx < J
     m2 = s_ok[:, None]
@@ -300,7 +305,8 @@ def _backward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, ini
                    logits_in_ptr, norm_in_ptr, shift_ptr, logits_out_ptr, norm_out_ptr,
                    g_r_next_ptr, g_sum_next_ptr, g_mean_ptr, g_logit_ptr,
                    g_r_ptr, g_rsum_ptr, g_a_ptr, g_bu_ptr, g_ba_ptr, g_poses_ptr, g_w_ptr,
-                   g_off_ptr, S: tl.constexpr, J: tl.constexpr, L, lam, var_floor, sum_floor,
+                   g_off_ptr, S: tl.constexpr, J: tl.constexpr, L, copies, lam, var_floor,
+                   sum_floor,
                    Q: tl.constexpr, ROWS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                    FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK_J: tl.constexpr,
                    BLOCK_S: tl.constexpr):  # fmt: skip
@@ -315,6 +321,9 @@ def _backward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, ini
     j_ok = j_idx < J
     h_idx = tl.arange(0, 16)
     jh = p * J * 16 + j_idx[:, None] * 16 + h_idx[None, :]
+    copy = p % copies  # this program's copy of dL/dW (S, J, q, q) and dL/doffset (S, 16)
+    g_w_ptr += copy * (S * J * Q * Q)
+    g_off_ptr += copy * (S * 16)
     shift = tl.load(shift_ptr + jh, mask=j_ok[:, None], other=0.0)
     beta_u = tl.load(beta_u_ptr + j_idx, mask=j_ok, other=0.0)
     beta_a = tl.load(beta_a_ptr + j_idx, mask=j_ok, other=0.0)
@@ -548,8 +557,9 @@ def route_backward(
     g_a = poses.new_zeros(n * l, s)
     g_bu, g_ba = poses.new_zeros(n * l, j), poses.new_zeros(n * l, j)
     g_poses = torch.zeros_like(poses)
-    g_w = torch.zeros_like(problem.transforms)
-    g_off = poses.new_zeros(s, POSE_SIZE)
+    copies = min(GRADIENT_COPIES, n * l)
+    g_w = poses.new_zeros(copies, *problem.transforms.shape)  # (copies, S, J, q, q)
+    g_off = poses.new_zeros(copies, s, POSE_SIZE)
     g_r_next, g_sum_next = poses.new_zeros(n * l, j, s), poses.new_zeros(n * l, s)
     g_r, g_rsum = poses.new_empty(n * l, j, s), poses.new_empty(n * l, s)
     shift, steps = tape[0], tape[1:]
@@ -561,7 +571,7 @@ def route_backward(
         _backward_step[(n * l,)](
             *problem.common(), logits_in, norm_in, shift, logits_out, norm_out,
             g_r_next, g_sum_next, g_mean, g_logit, g_r, g_rsum, g_a, g_bu, g_ba, g_poses,
-            g_w, g_off, s, j, l, problem.lambdas[t], problem.var_floor, problem.sum_floor,
+            g_w, g_off, s, j, l, copies, problem.lambdas[t], problem.var_floor, problem.sum_floor,
             ROWS=POSE_SIZE // q, FIRST=first, LAST=last, **problem.meta(),
         )  # fmt: skip
         if not first:
@@ -571,9 +581,9 @@ def route_backward(
                 g_sum_next = g_rsum.clone()
     return (
         g_poses,
-        g_w,
+        g_w.sum(0),
         g_a.view(n, l, s),
         g_bu.sum(0),
         g_ba.sum(0),
-        g_off if need_offset else None,
+        g_off.sum(0) if need_offset else None,
     )
