@@ -54,7 +54,7 @@ class ModelConfig:
     routing: str = "exact"
     final_lambda: float = 0.01
     var_floor: float = 0.1
-    likelihood_power: float = 1.0
+    likelihood_power: float = 0.1
     parametrisation: str = "paper"
     num_classes: int = 5
     input_size: int = 32

@@ -348,6 +348,15 @@ def test_configs_written_before_the_variance_floor_existed_load_with_its_old_val
     assert ModelConfig().var_floor == 0.1
 
 
+def test_configs_written_before_the_tempered_e_step_load_as_procedure_1() -> None:
+    old = ModelConfig().to_dict()
+    del old["likelihood_power"]
+    assert ModelConfig.from_dict(old).likelihood_power == 1.0
+    assert ModelConfig().likelihood_power == 0.1
+    with pytest.raises(EmcapsError, match="--likelihood-power"):
+        ModelConfig(likelihood_power=0.0)
+
+
 def test_without_augmentation_training_batches_are_the_centre_crops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
