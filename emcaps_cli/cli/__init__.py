@@ -51,7 +51,7 @@ app = typer.Typer(
     context_settings={"max_content_width": 200},  # help as wide as the terminal
 )
 
-# Add a module here when its command lands.
+# One module per command, in the order `emcaps --help` lists them.
 COMMANDS = ("prepare", "synth", "summary", "train", "evaluate", "attack")
 
 for _name in COMMANDS:
