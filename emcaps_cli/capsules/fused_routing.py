@@ -7,21 +7,24 @@ transforms, plus (when a gradient will be asked for) a tape of small per-parent 
 use of the votes is linear in v or in v², so the vote gradient has the form
 dL/dv = v ⊙ (A @ B) + A @ C with A (…, S, T) and B, C (…, T, H) built from T small records.
 
-Two implementations, chosen per call (`cpu_kernels.use_c_kernels`):
+Three implementations, chosen per call (`implementation`, by `cpu_kernels.backend()`):
 
 * `_CVotes` — CPU, float32/float64: one C call per chunk runs votes and all of Procedure 1; a
   hand-written C backward recomputes the votes, derives the records and maps the vote gradient
   to poses and W vote by vote, never storing it (cpu_kernels.c).
-* `_TorchVotes` — any device (CUDA always): the backward recomputes the votes, replays the
+* `_TritonVotes` — CUDA (CPU tensors in Triton's interpreter), float32/float64: one kernel
+  launch per routing iteration, one program per (image, parent position) recomputing its votes
+  tile by tile in every pass; a hand-written backward of the same shape (triton_kernels.py).
+* `_TorchVotes` — any device (CUDA's fallback): the backward recomputes the votes, replays the
   routing loop under autograd with the vote-reading operations (`VoteOps`) replaced by
   functions that pass gradients to the small tensors and *record* their coefficients (their
   forward results come from the tape), assembles dL/dv once and maps it to the poses and W.
 
 The batch is taken in chunks of images (routing is independent per image) so that one chunk's
-vote tensor stays under VOTE_CHUNK_ELEMENTS (C_VOTE_CHUNK_ELEMENTS on the C kernels), in forward
-and backward alike.
+vote tensor stays under VOTE_CHUNK_ELEMENTS (C_VOTE_CHUNK_ELEMENTS on the C kernels; the Triton
+kernels store nothing vote-sized and take the whole batch), in forward and backward alike.
 
-Both equal plain autograd through `routing.em_routing` (tested in float64).
+All three equal plain autograd through `routing.em_routing` (tested in float64).
 """
 
 from __future__ import annotations

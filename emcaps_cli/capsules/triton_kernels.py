@@ -483,7 +483,7 @@ def _normalisers(problem: RoutingProblem, lse: torch.Tensor) -> torch.Tensor:
     """Per-slot normaliser of R (N·L, S): the slot's own logsumexp over j (patch routing, the
     class layer) or its child's over every parent holding it (exact routing)."""
     if problem.table is None:
-        return lse
+        return lse.clone()  # lse is rewritten by the next iteration
     n, l, s, _, _ = problem.shape
     norm = torch.empty_like(lse)
     pairs = n * problem.table.shape[0]
@@ -496,7 +496,7 @@ def _normalisers(problem: RoutingProblem, lse: torch.Tensor) -> torch.Tensor:
 def _group_sums(problem: RoutingProblem, per_slot: torch.Tensor) -> torch.Tensor:
     """Σ over each child's parents of a per-slot quantity (N·L, S), as _normalisers groups."""
     if problem.table is None:
-        return per_slot
+        return per_slot.clone()  # per_slot is rewritten by the next launch
     n, l, s, _, _ = problem.shape
     out = torch.empty_like(per_slot)
     pairs = n * problem.table.shape[0]
@@ -523,8 +523,12 @@ def route_forward(
     logits_in = norm_in = lse  # unread on the first iteration
     for t, lam in enumerate(problem.lambdas):
         last = t == iters - 1
-        logits_out = (poses.new_empty(n * l, j, s) if keep_tape else spare[t % 2]) if not last \
-            else lse  # fmt: skip
+        if last:
+            logits_out = lse  # no E-step after the last M-step: unwritten
+        elif keep_tape:
+            logits_out = poses.new_empty(n * l, j, s)
+        else:
+            logits_out = spare[t % 2]  # inference: two buffers in turn
         _forward_step[(n * l,)](
             *problem.common(), logits_in, norm_in, shift, logits_out, lse, out_mean, out_logit,
             s, j, l, lam, problem.var_floor, problem.sum_floor,
@@ -532,8 +536,6 @@ def route_forward(
         )  # fmt: skip
         if not last:
             logits_in, norm_in = logits_out, _normalisers(problem, lse)
-            if problem.table is None:
-                norm_in = lse.clone()  # lse is rewritten by the next iteration
             tape += [logits_in, norm_in]
     return out_mean, out_logit, tape if keep_tape else None
 
@@ -566,6 +568,7 @@ def route_backward(
     iters = len(problem.lambdas)
     for t in reversed(range(iters)):
         first, last = t == 0, t == iters - 1
+        # R_t from the E-step before (unread at t = 0), R_{t+1} from this one (unread at the end)
         logits_in, norm_in = (steps[2 * t - 2], steps[2 * t - 1]) if not first else (g_a, g_a)
         logits_out, norm_out = (steps[2 * t], steps[2 * t + 1]) if not last else (g_a, g_a)
         _backward_step[(n * l,)](
@@ -577,8 +580,6 @@ def route_backward(
         if not first:
             g_r_next, g_r = g_r, g_r_next
             g_sum_next = _group_sums(problem, g_rsum)
-            if problem.table is None:
-                g_sum_next = g_rsum.clone()
     return (
         g_poses,
         g_w.sum(0),
