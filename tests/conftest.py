@@ -10,6 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+# The Triton kernels' tests (test_triton_kernels.py) run in Triton's interpreter when there is
+# no GPU. Triton reads TRITON_INTERPRET when it is first imported, and importing torch._dynamo
+# (any module using torch.compiler.disable) imports it, so the variable is set here, before any
+# test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Several tests compare two runs bit for bit (resume, kernel paths): a fixed thread count keeps
 # the thread policy (emcaps_cli/threads.py) from following the machine's load mid-suite. The
 # CLI tests' subprocesses inherit it.

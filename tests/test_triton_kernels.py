@@ -1,7 +1,7 @@
 """The Triton routing kernels equal plain autograd through Procedure 1: values and every gradient.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set
-here before the kernels are defined); with one, on CUDA tensors as compiled kernels. The
+by conftest.py before Triton is imported); with one, on CUDA tensors as compiled kernels. The
 interpreter is slow, so the problems are small: 2 images, a 4x4 grid of 1 child type (3x3
 kernel: 4 parent positions of 9 slots), 3 parent types.
 """
@@ -15,9 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+ON_GPU = torch.cuda.is_available()  # else conftest.py has set TRITON_INTERPRET=1
 
 try:
     import triton
@@ -35,11 +33,16 @@ from emcaps_cli.capsules.layers import ClassCaps  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 D = torch.float64
-INTERPRETED = type(triton_kernels._forward_step).__name__ == "InterpretedFunction"
+# Triton's own library functions (tl.zeros, tl.sum, ...) as well as ours must have been defined
+# in interpreter mode: Triton reads TRITON_INTERPRET once, when it is first imported.
+INTERPRETED = all(
+    type(f).__name__ == "InterpretedFunction"
+    for f in (triton_kernels._forward_step, triton.language.standard.zeros)
+)
 
 if not ON_GPU and not INTERPRETED:
     pytest.skip(
-        "no GPU, and the Triton kernels were defined before TRITON_INTERPRET=1 was set",
+        "no GPU, and Triton was imported before TRITON_INTERPRET=1 was set (conftest.py sets it)",
         allow_module_level=True,
     )
 
