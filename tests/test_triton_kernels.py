@@ -55,7 +55,7 @@ def triton_backend():
     cpu_kernels.set_backend(before)
 
 
-def conv_problem(pose, exact, offset, iters, images=2, seed=0, dtype=D):
+def conv_problem(pose, exact, offset, iters, images=2, seed=0, dtype=D, power=1.0):
     """Routing inputs of a 3x3 conv capsule layer on a 4x4 grid of 1 child type."""
     g = torch.Generator().manual_seed(seed)
     rows, q = (4, 4) if pose == "matrix" else (1, 16)
@@ -72,14 +72,17 @@ def conv_problem(pose, exact, offset, iters, images=2, seed=0, dtype=D):
     vote_offset = torch.randn(slots, 16, generator=g) if offset else None
     tensors = [t.to(DEVICE, dtype) for t in tensors]
     vote_offset = None if vote_offset is None else vote_offset.to(DEVICE, dtype)
-    return tensors, vote_offset, RoutingSpec(iters, 0.5, child_map, rows, q)
+    spec = RoutingSpec(iters, 0.5, child_map, rows, q, likelihood_power=power)
+    return tensors, vote_offset, spec
 
 
-def class_problem(pose, iters, images=2, seed=0):
+def class_problem(pose, iters, images=2, seed=0, power=1.0):
     """Routing inputs of the class layer on a 2x2 grid of 2 child types, with Coordinate
     Addition (the vote offset), built by ClassCaps itself."""
     torch.manual_seed(seed)
-    layer = ClassCaps(2, 3, iters=iters, pose=pose, coord_add=True, final_lambda=0.5).double()
+    layer = ClassCaps(
+        2, 3, iters=iters, pose=pose, coord_add=True, final_lambda=0.5, likelihood_power=power
+    ).double()
     layer.coordinates = torch.rand(4, 2, dtype=D)
     poses = torch.randn(images, 2, 2, 2, 16, dtype=D)
     acts = torch.rand(images, 2, 2, 2, dtype=D)
@@ -157,6 +160,13 @@ def test_conv_routing_equals_plain_autograd(pose, exact, offset, iters):
 @pytest.mark.parametrize("pose, iters", [("matrix", 3), ("vector", 2)])
 def test_class_layer_with_coordinate_addition_equals_plain_autograd(pose, iters):
     assert_triton_equals_plain(*class_problem(pose, iters), F64)
+
+
+def test_tempered_e_step_equals_plain_autograd():
+    """R ∝ a p^τ with τ = 0.1 (the model's default likelihood power), exact conv routing and the
+    class layer."""
+    assert_triton_equals_plain(*conv_problem("matrix", True, True, 3, seed=2, power=0.1), F64)
+    assert_triton_equals_plain(*class_problem("matrix", 2, seed=2, power=0.1), F64)
 
 
 def test_slots_in_several_tiles_with_a_partial_last_one(monkeypatch):

@@ -337,10 +337,6 @@ class _TritonVotes:
         from emcaps_cli.capsules import triton_kernels
 
         spec, cmap = chunk.spec, chunk.spec.child_map
-        if spec.likelihood_power != 1.0:
-            raise cpu_kernels.KernelsUnavailable(
-                "the Triton kernels route with likelihood power 1 only; use --kernels torch"
-            )
         l, s = chunk.child_poses.shape[1:3]
         j = chunk.prepared.shape[1]
         if cmap is None:
@@ -361,6 +357,7 @@ class _TritonVotes:
             table,
             spec.var_floor,
             SUM_FLOOR,
+            spec.likelihood_power,
         )
 
     @staticmethod

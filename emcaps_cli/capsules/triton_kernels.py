@@ -155,15 +155,15 @@ def _e_step_quad(v, mean, inv_var):
 
 
 @triton.jit
-def _e_step_logits(v, mean, inv_var, log_act, log_norm):
-    """log(a_j p_j) of one tile (BJ, BS), Procedure 1's E-step."""
+def _e_step_logits(v, mean, inv_var, log_act, log_norm, power):
+    """log(a_j p_j^τ) of one tile (BJ, BS), Procedure 1's E-step (τ = power; 1 in the paper)."""
     quad = tl.maximum(_e_step_quad(v, mean, inv_var), 0.0)
-    return log_act[:, None] - 0.5 * quad - log_norm[:, None]
+    return log_act[:, None] + power * (-0.5 * quad - log_norm[:, None])
 
 
 @triton.jit
 def _quad_gradient(v, mean, inv_var, logits_ptr, norm_ptr, g_r_ptr, g_sum_ptr, p, s_idx,
-                   j_idx, S, J):  # fmt: skip
+                   j_idx, S, J, power):  # fmt: skip
     """dL/d(log a_j p_j) and dL/d(quad) of one tile (BJ, BS each), from the next iteration's
     dL/dR through the softmax over each child's parents: g = R (dL/dR − Σ_parents R dL/dR)."""
     s_ok, j_ok = s_idx < S, j_idx < J
@@ -175,7 +175,7 @@ def _quad_gradient(v, mean, inv_var, logits_ptr, norm_ptr, g_r_ptr, g_sum_ptr, p
     g_sum = tl.load(g_sum_ptr + p * S + s_idx, mask=s_ok, other=0.0)
     g_logits = tl.where(m, tl.exp(lg - norm[None, :]) * (g_r - g_sum[None, :]), 0.0)
     kept = _e_step_quad(v, mean, inv_var) >= 0.0  # the clamp passes the gradient here
-    return g_logits, tl.where(kept, -0.5 * g_logits, 0.0)
+    return g_logits, tl.where(kept, -0.5 * power * g_logits, 0.0)
 
 
 @triton.jit
@@ -217,7 +217,7 @@ def _vote_gradient_to_inputs(g_v, poses_ptr, w_ptr, g_poses_ptr, g_w_ptr, g_off_
 def _forward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, init_ptr,
                   logits_in_ptr, norm_in_ptr, shift_ptr, logits_out_ptr, lse_out_ptr,
                   mean_out_ptr, logit_out_ptr, S: tl.constexpr, J: tl.constexpr, L, lam,
-                  var_floor, sum_floor,
+                  var_floor, sum_floor, power,
                   Q: tl.constexpr, HAS_OFFSET: tl.constexpr, FIRST: tl.constexpr,
                   LAST: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     """One iteration of Procedure 1 for routing problem p = program_id (see the module doc)."""
@@ -258,7 +258,7 @@ def _forward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, init
             s_ok = s_idx < S
             v = _votes(poses_ptr, w_ptr, off_ptr, p, s_idx, j_idx, S, J, Q, HAS_OFFSET)
             v -= shift[:, None, :]
-            lg = _e_step_logits(v, mean, inv_var, log_act, log_norm)  # (BJ, BS)
+            lg = _e_step_logits(v, mean, inv_var, log_act, log_norm, power)  # (BJ, BS)
             m = j_ok[:, None] & s_ok[None, :]
             tl.store(logits_out_ptr + p * J * S + j_idx[:, None] * S + s_idx[None, :], lg, mask=m)
             lg = tl.where(j_ok[:, None], lg, -float("inf"))
@@ -306,7 +306,7 @@ def _backward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, ini
                    g_r_next_ptr, g_sum_next_ptr, g_mean_ptr, g_logit_ptr,
                    g_r_ptr, g_rsum_ptr, g_a_ptr, g_bu_ptr, g_ba_ptr, g_poses_ptr, g_w_ptr,
                    g_off_ptr, S: tl.constexpr, J: tl.constexpr, L, copies, lam, var_floor,
-                   sum_floor,
+                   sum_floor, power,
                    Q: tl.constexpr, ROWS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                    FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK_J: tl.constexpr,
                    BLOCK_S: tl.constexpr):  # fmt: skip
@@ -352,17 +352,17 @@ def _backward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, ini
             v -= shift[:, None, :]
             g_logits, g_quad = _quad_gradient(
                 v, mean, inv_var, logits_out_ptr, norm_out_ptr, g_r_next_ptr, g_sum_next_ptr,
-                p, s_idx, j_idx, S, J,
+                p, s_idx, j_idx, S, J, power,
             )  # fmt: skip
             g_lsum += tl.sum(g_logits, axis=1)
             g_qsum += tl.sum(g_quad, axis=1)
             g_qv += tl.sum(g_quad[:, :, None] * v, axis=1)
             g_qv2 += tl.sum(g_quad[:, :, None] * v * v, axis=1)
-        # quad = Σ v² iv − 2 Σ v (μ iv) + Σ μ² iv; log_norm = ½ Σ log σ² + const
+        # quad = Σ v² iv − 2 Σ v (μ iv) + Σ μ² iv; logits hold −τ log_norm, ½ Σ log σ² + const
         g_inv_var = g_qv2 + g_qsum[:, None] * mean * mean - 2.0 * g_qv * mean
         g_mean = 2.0 * g_qsum[:, None] * mean * inv_var - 2.0 * g_qv * inv_var
         g_logit = g_lsum * (1.0 / (1.0 + tl.exp(logit)))  # d log σ(x)/dx = σ(−x)
-        g_var = -g_inv_var * inv_var * inv_var - 0.5 * g_lsum[:, None] * inv_var
+        g_var = -g_inv_var * inv_var * inv_var - 0.5 * power * g_lsum[:, None] * inv_var
     # The M-step's gradient, on (J, 16) tensors.
     tl.store(g_ba_ptr + p * J + j_idx, tl.load(g_ba_ptr + p * J + j_idx, mask=j_ok, other=0.0)
              + lam * g_logit, mask=j_ok)  # fmt: skip
@@ -399,7 +399,7 @@ def _backward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, ini
         if not LAST:
             _, g_quad = _quad_gradient(
                 v, mean, inv_var, logits_out_ptr, norm_out_ptr, g_r_next_ptr, g_sum_next_ptr,
-                p, s_idx, j_idx, S, J,
+                p, s_idx, j_idx, S, J, power,
             )  # fmt: skip
             g_v += g_quad[:, :, None] * (2.0 * v * inv_var[:, None, :]
                                          - 2.0 * (mean * inv_var)[:, None, :])  # fmt: skip
@@ -432,7 +432,8 @@ class RoutingProblem:
 
     child_poses (N, L, S, 16), transforms (S, J, q, q), offset (S, 16) or None, activations_in
     (N, L, S), β (J,), lambdas one inverse temperature per iteration, initial (L, S) the first
-    R of each slot, table (C, P) for exact routing (see child_table) or None."""
+    R of each slot, table (C, P) for exact routing (see child_table) or None, the numeric floors
+    and the E-step's likelihood power τ."""
 
     child_poses: torch.Tensor
     transforms: torch.Tensor
@@ -445,6 +446,7 @@ class RoutingProblem:
     table: torch.Tensor | None
     var_floor: float
     sum_floor: float
+    likelihood_power: float = 1.0  # τ of the E-step, R ∝ a p^τ
 
     def __post_init__(self) -> None:
         dtype = self.child_poses.dtype
@@ -531,7 +533,7 @@ def route_forward(
             logits_out = spare[t % 2]  # inference: two buffers in turn
         _forward_step[(n * l,)](
             *problem.common(), logits_in, norm_in, shift, logits_out, lse, out_mean, out_logit,
-            s, j, l, lam, problem.var_floor, problem.sum_floor,
+            s, j, l, lam, problem.var_floor, problem.sum_floor, problem.likelihood_power,
             FIRST=t == 0, LAST=last, **problem.meta(),
         )  # fmt: skip
         if not last:
@@ -575,7 +577,7 @@ def route_backward(
             *problem.common(), logits_in, norm_in, shift, logits_out, norm_out,
             g_r_next, g_sum_next, g_mean, g_logit, g_r, g_rsum, g_a, g_bu, g_ba, g_poses,
             g_w, g_off, s, j, l, copies, problem.lambdas[t], problem.var_floor, problem.sum_floor,
-            ROWS=POSE_SIZE // q, FIRST=first, LAST=last, **problem.meta(),
+            problem.likelihood_power, ROWS=POSE_SIZE // q, FIRST=first, LAST=last, **problem.meta(),
         )  # fmt: skip
         if not first:
             g_r_next, g_r = g_r, g_r_next
