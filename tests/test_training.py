@@ -337,7 +337,7 @@ def test_capsule_runs_record_diagnostics_every_epoch(tmp_path: Path) -> None:
 def test_each_model_has_its_own_default_learning_rate() -> None:
     cnn = TrainConfig(model=ModelConfig(model="cnn")).resolved()
     capsnet = TrainConfig(model=ModelConfig(model="capsnet")).resolved()
-    assert (cnn.lr, capsnet.lr) == (3e-4, 3e-3)
+    assert (cnn.lr, capsnet.lr) == (3e-4, 1e-2)
     assert TrainConfig(lr=1e-2).resolved().lr == 1e-2
 
 

@@ -177,7 +177,7 @@ def train_command(
         None,
         "--lr",
         help="Adam learning rate of the first epoch.",
-        show_default="3e-3 for capsnet, 3e-4 for cnn",
+        show_default="1e-2 for capsnet, 3e-4 for cnn",
     ),
     lr_decay: float = typer.Option(
         0.96, "--lr-decay", help="Learning rate × this after every epoch (exponential decay)."
