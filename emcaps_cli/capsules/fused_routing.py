@@ -69,6 +69,16 @@ class RoutingSpec:
     var_floor: float = VAR_FLOOR  # added to every σ² (routing.m_step)
     likelihood_power: float = 1.0  # τ of the E-step, R ∝ a p^τ (routing.e_step_logits)
 
+    def loop_options(self) -> dict[str, Any]:
+        """The routing loop's settings, as keywords of routing.routing_iterations/em_routing."""
+        return {
+            "iters": self.iters,
+            "final_lambda": self.final_lambda,
+            "child_map": self.child_map,
+            "var_floor": self.var_floor,
+            "likelihood_power": self.likelihood_power,
+        }
+
 
 class _TapedVoteOps:
     """A VoteOps whose forward results are appended to a tape, so that the backward replay of
@@ -215,17 +225,8 @@ class _TorchVotes:
         ops, shift = _TorchVotes.ops(chunk)
         if tape is not None:
             ops = _TapedVoteOps(ops, tape)
-        spec = chunk.spec
         mean, logit, _ = routing_iterations(
-            ops,
-            chunk.activations_in,
-            chunk.beta_u,
-            chunk.beta_a,
-            spec.iters,
-            spec.final_lambda,
-            spec.child_map,
-            var_floor=spec.var_floor,
-            likelihood_power=spec.likelihood_power,
+            ops, chunk.activations_in, chunk.beta_u, chunk.beta_a, **chunk.spec.loop_options()
         )
         return mean + shift.squeeze(3), logit
 
@@ -245,15 +246,7 @@ class _TorchVotes:
                 t.detach().requires_grad_(True)
                 for t in (chunk.activations_in, chunk.beta_u, chunk.beta_a)
             ]
-            mean, logit, _ = routing_iterations(
-                ops,
-                *small,
-                spec.iters,
-                spec.final_lambda,
-                spec.child_map,
-                var_floor=spec.var_floor,
-                likelihood_power=spec.likelihood_power,
-            )
+            mean, logit, _ = routing_iterations(ops, *small, **spec.loop_options())
             outputs, grads = [], []
             for out, grad in ((mean, grad_poses), (logit, grad_logit)):
                 if grad is not None:
@@ -581,14 +574,4 @@ def plain_route(
     votes = compute_votes(child_poses, transforms)
     if vote_offset is not None:
         votes = votes + vote_offset
-    return em_routing(
-        votes,
-        activations_in,
-        beta_u,
-        beta_a,
-        spec.iters,
-        spec.final_lambda,
-        spec.child_map,
-        var_floor=spec.var_floor,
-        likelihood_power=spec.likelihood_power,
-    )
+    return em_routing(votes, activations_in, beta_u, beta_a, **spec.loop_options())

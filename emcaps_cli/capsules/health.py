@@ -70,12 +70,8 @@ def routing_health(inputs: RoutingInputs) -> dict[str, float]:
             piece.activations_in,
             piece.beta_u,
             piece.beta_a,
-            spec.iters,
-            spec.final_lambda,
-            spec.child_map,
-            var_floor=spec.var_floor,
             trace=trace,
-            likelihood_power=spec.likelihood_power,
+            **spec.loop_options(),
         )
         last = trace[-1]
         weight = part.stop - part.start

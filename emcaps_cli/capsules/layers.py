@@ -46,6 +46,19 @@ def offset_votes(
     return votes if offset is None else votes + offset
 
 
+def layer_spec(layer: nn.Module, final_lambda: float, child_map) -> RoutingSpec:
+    """The RoutingSpec of a capsule layer (ConvCaps or ClassCaps) at λ_max `final_lambda`."""
+    return RoutingSpec(
+        layer.iters,
+        final_lambda,
+        child_map,
+        layer.rows,
+        layer.row_len,
+        var_floor=layer.var_floor,
+        likelihood_power=layer.likelihood_power,
+    )
+
+
 def pose_rows(pose: str) -> tuple[int, int]:
     """(rows, row length) of a pose: (4, 4) for matrix poses, (1, 16) for vector poses."""
     return (4, 4) if pose == "matrix" else (1, 16)
@@ -150,15 +163,7 @@ class ConvCaps(nn.Module):
         beta_u, beta_a, lam = effective_parameters(
             self.parametrisation, "conv", self.beta_u, self.beta_a, self.final_lambda
         )
-        spec = RoutingSpec(
-            self.iters,
-            lam,
-            child_map,
-            self.rows,
-            self.row_len,
-            var_floor=self.var_floor,
-            likelihood_power=self.likelihood_power,
-        )
+        spec = layer_spec(self, lam, child_map)
         return RoutingInputs(self.patches(poses), self.transforms, a_in, beta_u, beta_a, spec, None)
 
     def forward(
@@ -235,15 +240,7 @@ class ClassCaps(nn.Module):
         beta_u, beta_a, lam = effective_parameters(
             self.parametrisation, "class", self.beta_u, self.beta_a, self.final_lambda
         )
-        spec = RoutingSpec(
-            self.iters,
-            lam,
-            None,
-            self.rows,
-            self.row_len,
-            var_floor=self.var_floor,
-            likelihood_power=self.likelihood_power,
-        )
+        spec = layer_spec(self, lam, None)
         return RoutingInputs(child_poses, transforms, a_in, beta_u, beta_a, spec, offset)
 
     def forward(
