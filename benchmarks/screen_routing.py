@@ -52,8 +52,8 @@ have moved since: lr 3e-4 for the CNN, var_floor 0.1):
   bn1            BatchNorm2d after conv1 (before its ReLU), as some public implementations do
   likelihood_power  the model's E-step power τ (ModelConfig.likelihood_power; default 1, both
                  kernel paths)
-  estep_temp     τ: the E-step uses log a_j + τ log p_ij (a tempered likelihood; τ = 1 is
-                 Procedure 1), softer assignments without touching the M-step's σ and cost
+  estep_temp     the same τ under the name its screen lines were recorded with (they ran on
+                 the PyTorch routing, before the model field existed)
   lr_warm        the learning rate ramps linearly from 0 over the first lr_warm optimiser steps
   warm           routing iterations ramp 1, 2, ... up to iters_final, one more every `warm`
                  epochs (steps per epoch from the training-set size)
@@ -135,7 +135,7 @@ KNOBS = frozenset(DEFAULTS) | {
     "prim_act_w", "prim_pose_w", "bn1", "lr_warm", "estep_temp",
 }  # fmt: skip
 # Patches the C kernels never see.
-TORCH_ONLY = ("detach_r", "early", "centre", "relfloor", "estep_temp")
+TORCH_ONLY = ("detach_r", "early", "centre", "relfloor")
 # Knobs of the capsule routing or layers: meaningless for model=cnn.
 CAPSNET_ONLY = KNOBS - {
     "model", "arch", "iters", "epochs", "lr", "lr_decay", "batch", "seed", "loss",
@@ -211,6 +211,8 @@ def check_knobs(knobs: Knobs) -> None:
         raise ScreenError(f"{', '.join(torch_only)}: patch the torch routing; drop kernels=c")
     if knobs.get("noaug") and knobs.get("aug_crop_only"):
         raise ScreenError("noaug and aug_crop_only: give one")
+    if "estep_temp" in knobs and "likelihood_power" in knobs:
+        raise ScreenError("estep_temp and likelihood_power: the same τ, give one")
     if "iters_final" in knobs and not knobs.get("warm"):
         raise ScreenError("iters_final: only with warm")
     if knobs.get("warm") and not (isinstance(knobs["warm"], int) and knobs["warm"] >= 1):
@@ -232,7 +234,7 @@ def train_config(knobs: Knobs, data: Path, out: Path) -> training.TrainConfig:
         model=knob(knobs, "model"),
         arch=parse_arch(arch) if isinstance(arch, str) else tuple(arch),
         iters=knob(knobs, "iters"),
-        likelihood_power=knob(knobs, "likelihood_power"),
+        likelihood_power=knobs.get("estep_temp", knob(knobs, "likelihood_power")),
     )
     return training.TrainConfig(
         data=str(data),
@@ -315,6 +317,7 @@ def routing_iterations_last_e_step(
     return_assignments=False,
     var_floor=routing.VAR_FLOOR,
     trace=None,
+    likelihood_power=1.0,
 ):
     """`routing.routing_iterations` with the R of every E-step but the last detached."""
     n, l, j, s, _ = ops.v.shape
@@ -326,7 +329,8 @@ def routing_iterations_last_e_step(
         if trace is not None:
             trace.append(routing.RoutingStep(assignments, variance, logit))
         if t < iters - 1 or return_assignments:
-            logits = routing.e_step_logits(mean, variance, F.logsigmoid(logit), ops)
+            log_a = F.logsigmoid(logit)
+            logits = routing.e_step_logits(mean, variance, log_a, ops, likelihood_power)
             assignments = routing.normalise_assignments(logits, child_map)
             if t < iters - 2:
                 assignments = assignments.detach()
@@ -356,21 +360,6 @@ def patch_relative_floor(knobs: Knobs) -> None:
         return mean, variance, lam * (beta_a - cost)
 
     routing.m_step = m_step
-
-
-def patch_tempered_e_step(knobs: Knobs) -> None:
-    """estep_temp τ: R ∝ a_j p_ij^τ."""
-    tau = knobs.get("estep_temp")
-    if tau is None:
-        return
-    original = routing.e_step_logits
-
-    def e_step_logits(mean, variance, log_activation, ops):
-        logits = original(mean, variance, log_activation, ops)  # (N, L, J, S)
-        log_a = log_activation.unsqueeze(-1)
-        return log_a + tau * (logits - log_a)
-
-    routing.e_step_logits = e_step_logits
 
 
 def patch_centred_cost(knobs: Knobs) -> None:
@@ -532,7 +521,6 @@ def apply_patches(knobs: Knobs, config: training.TrainConfig) -> None:
     patch_detach_assignments(knobs)
     patch_early(knobs)
     patch_relative_floor(knobs)
-    patch_tempered_e_step(knobs)
     patch_centred_cost(knobs)  # after relfloor: centres its cost
     patch_transform_init(knobs)
     patch_primary_init(knobs)
