@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from emcaps_cli.atomic import atomic_path
+from emcaps_cli.utils.atomic import atomic_path
 
 DEFAULT_DATA = Path("data/smallnorb.h5")
 QUICK_START_VIEWS = 40  # the README's quick-start synthetic set

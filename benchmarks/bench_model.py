@@ -12,7 +12,7 @@ With --busy N every configuration is measured twice in a row, quiet and then bes
 processes (single-threaded CPU-bound loops, benchmarks/busy.py); the row holds both and their
 ratio. Under --busy the statistic is the median step time (the best of a few steps hides what
 a descheduled thread costs); quiet runs report the best, as before, and the median too.
---threads auto (the default) is the library's policy (emcaps_cli/threads.py: one thread per
+--threads auto (the default) is the library's policy (emcaps_cli/utils/threads.py: one thread per
 CPU left over by other processes, re-read every second); a number fixes the count.
 
 On a GPU (`--device cuda`) the defaults become batch 32 and 128, the implementations triton,
@@ -63,27 +63,29 @@ def measure(args) -> dict:
     import torch
 
     import emcaps_cli.capsules.layers as layers
-    from emcaps_cli.allocator import keep_freed_memory
-    from emcaps_cli.capsules import cpu_kernels, fused_routing
-    from emcaps_cli.capsules.fused_routing import plain_route
-    from emcaps_cli.device import resolve_device
+    from emcaps_cli.config import ModelConfig, parse_arch
     from emcaps_cli.losses import spread_loss
-    from emcaps_cli.models import ModelConfig, build_model, parse_arch
-    from emcaps_cli.threads import ThreadGovernor
+    from emcaps_cli.models import build_model
+    from emcaps_cli.routing import fused
+    from emcaps_cli.routing.c import ffi
+    from emcaps_cli.routing.fused import plain_route
+    from emcaps_cli.utils.allocator import keep_freed_memory
+    from emcaps_cli.utils.device import resolve_device
+    from emcaps_cli.utils.threads import ThreadGovernor
 
     governor = ThreadGovernor(None if args.threads == "auto" else int(args.threads))
     if args.allocator == "tuned":
         keep_freed_memory()  # as the emcaps command does
     if args.chunk_elements is not None:  # both paths' chunk budget (votes per routing chunk)
-        fused_routing.VOTE_CHUNK_ELEMENTS = args.chunk_elements
-        fused_routing.C_VOTE_CHUNK_ELEMENTS = args.chunk_elements
+        fused.VOTE_CHUNK_ELEMENTS = args.chunk_elements
+        fused.C_VOTE_CHUNK_ELEMENTS = args.chunk_elements
     if args.impl in ("torch", "triton"):
-        cpu_kernels.set_backend(args.impl)  # the fused function on PyTorch ops / Triton only
+        ffi.set_backend(args.impl)  # the fused function on PyTorch ops / Triton only
     if args.impl == "plain":
         layers.route = plain_route  # the naive baseline: plain autograd through every op
     elif args.impl == "whole":
-        fused_routing.VOTE_CHUNK_ELEMENTS = 0  # fused, but the whole batch routed at once
-        fused_routing.C_VOTE_CHUNK_ELEMENTS = 0
+        fused.VOTE_CHUNK_ELEMENTS = 0  # fused, but the whole batch routed at once
+        fused.C_VOTE_CHUNK_ELEMENTS = 0
     device = resolve_device(args.device)
     config = ModelConfig(
         arch=parse_arch(MODELS[args.model]), iters=args.iters, routing=args.routing
@@ -163,10 +165,10 @@ def kernels_used(impl: str, x) -> str:
     """Which routing implementation the layers ran: triton, c, torch or plain."""
     if impl == "plain":
         return "plain"
-    from emcaps_cli.capsules import fused_routing
+    from emcaps_cli.routing import fused
 
-    names = {fused_routing._TritonVotes: "triton", fused_routing._CVotes: "c"}
-    return names.get(fused_routing.implementation(x), "torch")
+    names = {fused._TritonVotes: "triton", fused._CVotes: "c"}
+    return names.get(fused.implementation(x), "torch")
 
 
 def reference_ratio(threads: int) -> dict:
@@ -310,7 +312,7 @@ def main() -> None:
         choices=["tuned", "default"],
         default="tuned",
         help="tuned: glibc keeps freed memory for reuse, as the emcaps command sets it "
-        "(emcaps_cli/allocator.py); default: glibc's defaults",
+        "(emcaps_cli/utils/allocator.py); default: glibc's defaults",
     )
     p.add_argument(
         "--chunk-elements",

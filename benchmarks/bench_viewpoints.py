@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_learning import EMCAPS, last_json_object, machine_info, read_metrics  # noqa: E402
 
-from emcaps_cli.atomic import atomic_path  # noqa: E402
+from emcaps_cli.utils.atomic import atomic_path  # noqa: E402
 
 SPLITS = ("azimuth", "elevation")
 

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from emcaps_cli.capsules.health import capsule_health
+from emcaps_cli.config import ModelConfig, parse_arch
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.losses import spread_loss
-from emcaps_cli.models import ModelConfig, build_model, parse_arch
+from emcaps_cli.models import build_model
 
 LAYERS = ("conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_caps")
 

@@ -2,9 +2,9 @@ r"""Research screen of EM-routing variants: one short training run per call, one
 
 This is a research screen, not a benchmark of the library and not its supported options. Each
 call trains one network once (one seed; differences of a few points are noise) in-process
-through `emcaps_cli.training.train`, after monkeypatching library internals (`layers.route`,
-`routing.m_step`, `routing.normalise_assignments`, `fused_routing.routing_iterations`,
-`training.build_model`, `training.train_batch`) to try variants that are mostly not options of
+through `emcaps_cli.training.loop.train`, after monkeypatching library internals (`layers.route`,
+`em.m_step`, `em.normalise_assignments`, `fused.routing_iterations`,
+`loop.build_model`, `loop.train_batch`) to try variants that are mostly not options of
 `emcaps train`. The patches are applied in `main` and never undone: one process per run.
 
 Knobs, set with `--set KEY=VALUE` (VALUE parsed as JSON when it can be, else a string) or all
@@ -60,7 +60,7 @@ have moved since: lr 3e-4 for the CNN, var_floor 0.1):
   iters_final    where `warm` stops (default: iters)
 
 detach_r, early, centre and relfloor patch the PyTorch routing code, which the C kernels never
-run: they switch `emcaps_cli.capsules.cpu_kernels.set_backend("torch")` (4-7x slower on the
+run: they switch `emcaps_cli.routing.c.ffi.set_backend("torch")` (4-7x slower on the
 CPU: 110-220 s against ~30 s a run in the screen) and refuse kernels="c". The route patch
 (λ, β, massnorm, var_floor) works on both backends. The capsule-health statistics in the run's
 metrics.jsonl recompute each layer's routing from its own RoutingSpec: they see the M-step and
@@ -101,13 +101,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emcaps_cli import training
-from emcaps_cli.capsules import cpu_kernels, fused_routing, layers, routing
+from emcaps_cli.capsules import em, layers
 from emcaps_cli.checkpoint import LAST, load_checkpoint
+from emcaps_cli.config import ModelConfig, TrainConfig, parse_arch
 from emcaps_cli.data import transforms
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.models import ModelConfig, build_model, parse_arch
+from emcaps_cli.models import build_model
+from emcaps_cli.routing import fused
+from emcaps_cli.routing.c import ffi
+from emcaps_cli.training import loop
 
 Knobs = dict[str, Any]
 
@@ -202,7 +205,7 @@ def check_knobs(knobs: Knobs) -> None:
     unknown = sorted(set(knobs) - KNOBS)
     if unknown:
         raise ScreenError(f"unknown knob(s) {', '.join(unknown)}; see the module doc")
-    if knobs.get("kernels", "auto") not in cpu_kernels.BACKENDS:
+    if knobs.get("kernels", "auto") not in ffi.BACKENDS:
         raise ScreenError(f"kernels={knobs['kernels']}: expected one of c, torch, auto")
     if knobs.get("detach_r", False) not in (True, False, "conv"):  # 0 and 1 compare equal
         raise ScreenError(f'detach_r={knobs["detach_r"]}: expected true, false or "conv"')
@@ -227,7 +230,7 @@ def knob(knobs: Knobs, key: str) -> Any:
     return knobs.get(key, DEFAULTS.get(key))
 
 
-def train_config(knobs: Knobs, data: Path, out: Path) -> training.TrainConfig:
+def train_config(knobs: Knobs, data: Path, out: Path) -> TrainConfig:
     """The TrainConfig a knob dict describes (the routing variants are patches, not options)."""
     arch = knob(knobs, "arch")
     model = ModelConfig(
@@ -236,7 +239,7 @@ def train_config(knobs: Knobs, data: Path, out: Path) -> training.TrainConfig:
         iters=knob(knobs, "iters"),
         likelihood_power=knobs.get("estep_temp", knob(knobs, "likelihood_power")),
     )
-    return training.TrainConfig(
+    return TrainConfig(
         data=str(data),
         out=str(out),
         model=model,
@@ -258,9 +261,9 @@ def train_config(knobs: Knobs, data: Path, out: Path) -> training.TrainConfig:
 def select_kernels(knobs: Knobs) -> None:
     """The torch routing for the patches the C kernels cannot see, else kernels= if given."""
     if any(knobs.get(k) for k in TORCH_ONLY):
-        cpu_kernels.set_backend("torch")
+        ffi.set_backend("torch")
     elif "kernels" in knobs:
-        cpu_kernels.set_backend(knobs["kernels"])
+        ffi.set_backend(knobs["kernels"])
 
 
 def patch_route(knobs: Knobs) -> None:
@@ -295,7 +298,7 @@ def patch_detach_assignments(knobs: Knobs) -> None:
     mode = knobs.get("detach_r")
     if not mode:
         return
-    original = routing.normalise_assignments
+    original = em.normalise_assignments
 
     def normalise_assignments(logits, child_map):
         assignments = original(logits, child_map)
@@ -303,7 +306,7 @@ def patch_detach_assignments(knobs: Knobs) -> None:
             return assignments
         return assignments.detach()
 
-    routing.normalise_assignments = normalise_assignments
+    em.normalise_assignments = normalise_assignments
 
 
 def routing_iterations_last_e_step(
@@ -315,23 +318,23 @@ def routing_iterations_last_e_step(
     final_lambda,
     child_map,
     return_assignments=False,
-    var_floor=routing.VAR_FLOOR,
+    var_floor=em.VAR_FLOOR,
     trace=None,
     likelihood_power=1.0,
 ):
-    """`routing.routing_iterations` with the R of every E-step but the last detached."""
+    """`em.routing_iterations` with the R of every E-step but the last detached."""
     n, l, j, s, _ = ops.v.shape
-    assignments = routing.initial_assignments((n, l, j, s), child_map, ops.v)  # (N, L, J, S)
-    for t, lam in enumerate(routing.inverse_temperatures(iters, final_lambda)):
-        mean, variance, logit = routing.m_step(
+    assignments = em.initial_assignments((n, l, j, s), child_map, ops.v)  # (N, L, J, S)
+    for t, lam in enumerate(em.inverse_temperatures(iters, final_lambda)):
+        mean, variance, logit = em.m_step(
             assignments, activations_in, ops, beta_u, beta_a, lam, var_floor
         )
         if trace is not None:
-            trace.append(routing.RoutingStep(assignments, variance, logit))
+            trace.append(em.RoutingStep(assignments, variance, logit))
         if t < iters - 1 or return_assignments:
             log_a = F.logsigmoid(logit)
-            logits = routing.e_step_logits(mean, variance, log_a, ops, likelihood_power)
-            assignments = routing.normalise_assignments(logits, child_map)
+            logits = em.e_step_logits(mean, variance, log_a, ops, likelihood_power)
+            assignments = em.normalise_assignments(logits, child_map)
             if t < iters - 2:
                 assignments = assignments.detach()
     return mean, logit, assignments if return_assignments else None
@@ -340,7 +343,7 @@ def routing_iterations_last_e_step(
 def patch_early(knobs: Knobs) -> None:
     """early: only the last E-step passes gradients (in the layers' fused routing)."""
     if knobs.get("early"):
-        fused_routing.routing_iterations = routing_iterations_last_e_step
+        fused.routing_iterations = routing_iterations_last_e_step
 
 
 def patch_relative_floor(knobs: Knobs) -> None:
@@ -348,9 +351,9 @@ def patch_relative_floor(knobs: Knobs) -> None:
     factor = knobs.get("relfloor")
     if not factor:
         return
-    original = routing.m_step
+    original = em.m_step
 
-    def m_step(assignments, activations_in, ops, beta_u, beta_a, lam, var_floor=routing.VAR_FLOOR):
+    def m_step(assignments, activations_in, ops, beta_u, beta_a, lam, var_floor=em.VAR_FLOOR):
         with torch.no_grad():
             floor = ops.v.square().mean(-2) * factor  # (N, L, J, H)
         mean, variance, _ = original(assignments, activations_in, ops, beta_u, beta_a, lam, 0.0)
@@ -359,7 +362,7 @@ def patch_relative_floor(knobs: Knobs) -> None:
         cost = ((beta_u.view(-1, 1) + 0.5 * variance.log()) * amount.unsqueeze(-1)).sum(-1)
         return mean, variance, lam * (beta_a - cost)
 
-    routing.m_step = m_step
+    em.m_step = m_step
 
 
 def patch_centred_cost(knobs: Knobs) -> None:
@@ -369,9 +372,9 @@ def patch_centred_cost(knobs: Knobs) -> None:
     """
     if not knobs.get("centre"):
         return
-    original = routing.m_step
+    original = em.m_step
 
-    def m_step(assignments, activations_in, ops, beta_u, beta_a, lam, var_floor=routing.VAR_FLOOR):
+    def m_step(assignments, activations_in, ops, beta_u, beta_a, lam, var_floor=em.VAR_FLOOR):
         mean, variance, logit = original(
             assignments, activations_in, ops, beta_u, beta_a, lam, var_floor
         )
@@ -379,12 +382,12 @@ def patch_centred_cost(knobs: Knobs) -> None:
         cost = cost - cost.mean(-1, keepdim=True)
         return mean, variance, lam * (beta_a - cost)
 
-    routing.m_step = m_step
+    em.m_step = m_step
 
 
 def wrap_build_model(extend: Callable[[torch.nn.Module], None]) -> None:
     """Make training's build_model call `extend` on every capsule network it builds."""
-    original = training.build_model
+    original = loop.build_model
 
     def build(config: ModelConfig) -> torch.nn.Module:
         model = original(config)
@@ -392,7 +395,7 @@ def wrap_build_model(extend: Callable[[torch.nn.Module], None]) -> None:
             extend(model)
         return model
 
-    training.build_model = build
+    loop.build_model = build
 
 
 def patch_transform_init(knobs: Knobs) -> None:
@@ -462,16 +465,16 @@ def patch_lr_warm_up(knobs: Knobs) -> None:
                 for group, lr in zip(self.param_groups, saved, strict=True):
                     group["lr"] = lr
 
-    training.torch.optim.Adam = WarmAdam
+    loop.torch.optim.Adam = WarmAdam
 
 
-def steps_per_epoch(config: training.TrainConfig) -> int:
+def steps_per_epoch(config: TrainConfig) -> int:
     """Optimiser steps per epoch of a single-process run of `config` (as training counts them)."""
-    rows = training.config_split(config, load_cache(config.data))
+    rows = loop.config_split(config, load_cache(config.data))
     return math.ceil(len(rows.train) / config.batch_size)
 
 
-def patch_warm_up(knobs: Knobs, config: training.TrainConfig) -> None:
+def patch_warm_up(knobs: Knobs, config: TrainConfig) -> None:
     """warm: before training step k, every routing layer runs min(iters_final, 1 + e // warm)
     iterations, e = k // steps per epoch; evaluation uses the last training step's count."""
     warm = knobs.get("warm")
@@ -512,10 +515,10 @@ def crop_only_batch(
 def patch_crop_only(knobs: Knobs) -> None:
     """aug_crop_only: training batches get the random crop only."""
     if knobs.get("aug_crop_only"):
-        training.train_batch = crop_only_batch
+        loop.train_batch = crop_only_batch
 
 
-def apply_patches(knobs: Knobs, config: training.TrainConfig) -> None:
+def apply_patches(knobs: Knobs, config: TrainConfig) -> None:
     select_kernels(knobs)
     patch_route(knobs)
     patch_detach_assignments(knobs)
@@ -533,7 +536,7 @@ def apply_patches(knobs: Knobs, config: training.TrainConfig) -> None:
 # --- run and report ----------------------------------------------------------------------------
 
 
-class EpochLines(training.Reporter):
+class EpochLines(loop.Reporter):
     """One progress line per epoch on stderr."""
 
     def __init__(self, tag: str) -> None:
@@ -574,7 +577,7 @@ def activation_summary(run_dir: Path, data: Path) -> dict[str, str]:
 
 def test_curve(run_dir: Path) -> list[float]:
     """Test error (%) after every epoch, from metrics.jsonl."""
-    lines = (run_dir / training.METRICS_JSONL).read_text().splitlines()
+    lines = (run_dir / loop.METRICS_JSONL).read_text().splitlines()
     return [round(json.loads(line)["test_error"] * 100, 1) for line in lines if line.strip()]
 
 
@@ -622,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        result = training.train(config, reporter=EpochLines(args.tag))
+        result = loop.train(config, reporter=EpochLines(args.tag))
         diag = activation_summary(out, args.data) if config.model.model == "capsnet" else {}
     except EmcapsError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from emcaps_cli.atomic import atomic_path
 from emcaps_cli.errors import EmcapsError
+from emcaps_cli.utils.atomic import atomic_path
 
 FORMAT = "emcaps-checkpoint"
 BEST, LAST = "best.pt", "last.pt"  # the checkpoints of a run directory
@@ -133,7 +133,8 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple[torch.nn.M
     """Rebuild the network a checkpoint (or a run directory's best.pt) describes, load its
     weights, move it to `device`. Returns (model in eval mode, the checkpoint dict).
     """
-    from emcaps_cli.models import ModelConfig, build_model
+    from emcaps_cli.config import ModelConfig
+    from emcaps_cli.models import build_model
 
     path = resolve_checkpoint(path)
     data = load_checkpoint(path, map_location="cpu")

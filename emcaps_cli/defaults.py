@@ -11,6 +11,7 @@ CACHE_IMAGE_SIZE = 48  # side of the downsampled images `emcaps prepare` writes
 ALL_VIEWS = 18 * 9 * 6  # 972 (azimuth, elevation, lighting) combinations per smallNORB instance
 EVAL_BATCH_SIZE = 128  # evaluate and attack batch alike, so ε = 0 reproduces evaluate exactly
 LOSSES = ("spread", "margin", "cross-entropy")
+SPLITS = ("full", "azimuth", "elevation")  # viewpoint splits of training (section 5.1)
 PARAMETRISATIONS = ("paper", "released")
 
 DEFAULT_EPS = tuple(round(0.05 * i, 2) for i in range(11))  # Fig. 3 left: 0 .. 0.5

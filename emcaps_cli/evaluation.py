@@ -21,7 +21,7 @@ from emcaps_cli.data.transforms import CROP_SIZE, eval_batch, multicrop_offsets
 from emcaps_cli.data.viewpoints import familiar_mask
 from emcaps_cli.defaults import EVAL_BATCH_SIZE
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.threads import keep_fair
+from emcaps_cli.utils.threads import keep_fair
 
 # smallNORB category codes 0..4, in the order of the raw `cat` files.
 CLASS_NAMES = ("animal", "human", "airplane", "truck", "car")

@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from emcaps_cli.atomic import atomic_path
+from emcaps_cli.utils.atomic import atomic_path
 
 # metrics.jsonl key -> legend label, for the error panel.
 ERROR_CURVES = (

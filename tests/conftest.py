@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Several tests compare two runs bit for bit (resume, kernel paths): a fixed thread count keeps
-# the thread policy (emcaps_cli/threads.py) from following the machine's load mid-suite. The
+# the thread policy (emcaps_cli/utils/threads.py) from following the machine's load mid-suite. The
 # CLI tests' subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
@@ -90,17 +90,17 @@ def single_thread():
 @pytest.fixture(params=["c", "torch"])
 def kernels(request):
     """Routes through the C kernels ("c") or PyTorch ops only ("torch"), then restores."""
-    from emcaps_cli.capsules import cpu_kernels
+    from emcaps_cli.routing.c import ffi
 
     if request.param == "c":
         try:
-            cpu_kernels.library()
-        except cpu_kernels.KernelsUnavailable as err:  # no C compiler on this machine
+            ffi.library()
+        except ffi.KernelsUnavailable as err:  # no C compiler on this machine
             pytest.skip(str(err))
-    before = cpu_kernels.backend()
-    cpu_kernels.set_backend(request.param)
+    before = ffi.backend()
+    ffi.set_backend(request.param)
     yield request.param
-    cpu_kernels.set_backend(before)
+    ffi.set_backend(before)
 
 
 # --- the real `emcaps` command in a subprocess ------------------------------------------------

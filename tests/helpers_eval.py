@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from emcaps_cli.checkpoint import save_checkpoint
+from emcaps_cli.config import ModelConfig
 from emcaps_cli.data.transforms import train_batch
 from emcaps_cli.losses import get_loss
-from emcaps_cli.models import ModelConfig, build_model
+from emcaps_cli.models import build_model
 
 
 def fake_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

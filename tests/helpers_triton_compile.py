@@ -20,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from emcaps_cli.capsules import triton_kernels  # noqa: E402
+from emcaps_cli.routing import triton_kernels  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SCALARS = {"lam": "fp32", "var_floor": "fp32", "sum_floor": "fp32", "power": "fp32"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import run_emcaps
 
-from emcaps_cli.atomic import _writer_tag, atomic_path, remove_stale_temporaries
+from emcaps_cli.utils.atomic import _writer_tag, atomic_path, remove_stale_temporaries
 
 FIXTURES = Path(__file__).parent / "fixtures" / "smallnorb_fake"
 

@@ -9,15 +9,12 @@ import pytest
 import torch
 from helpers_eval import LinearScores, OvershootBump, make_checkpoint, shared_files
 
-from emcaps_cli.attacks import (
+from emcaps_cli.attacks.methods import bim, fgsm, image_loss, input_gradient
+from emcaps_cli.attacks.protocol import (
     AttackModel,
     AttackSettings,
     attack_checkpoints,
-    bim,
     default_loss_name,
-    fgsm,
-    image_loss,
-    input_gradient,
     parse_eps,
     run_attack,
 )

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from emcaps_cli.checkpoint import DIGEST_KEY, load_checkpoint, load_model, save_checkpoint
+from emcaps_cli.config import ModelConfig
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.models import ModelConfig, build_model
+from emcaps_cli.models import build_model
 
 
 def write(path: Path, **extra: object) -> Path:

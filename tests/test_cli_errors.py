@@ -70,7 +70,7 @@ def test_boolean_flags_are_shown_as_flags() -> None:
 def test_ctrl_c_during_start_up_is_one_line(files: dict[str, Path]) -> None:
     script = (
         "import os, signal, sys\n"
-        "import emcaps_cli.device as device\n"
+        "import emcaps_cli.utils.device as device\n"
         "from emcaps_cli.cli import main\n"
         "def interrupted(name):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"

@@ -6,8 +6,9 @@ Slow (about a minute of compilation on 2 cores), so one tiny network, one step.
 import pytest
 import torch
 
+from emcaps_cli.config import ModelConfig
 from emcaps_cli.losses import spread_loss
-from emcaps_cli.models import ModelConfig, build_model
+from emcaps_cli.models import build_model
 
 
 @pytest.mark.slow

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emcaps_cli.capsules import cpu_kernels
 from emcaps_cli.capsules.votes import compute_votes
+from emcaps_cli.routing.c import ffi
 
 
 @pytest.fixture(autouse=True)
 def _need_compiler():
     try:
-        cpu_kernels.library()
-    except cpu_kernels.KernelsUnavailable as err:
+        ffi.library()
+    except ffi.KernelsUnavailable as err:
         pytest.skip(str(err))
 
 
@@ -40,20 +40,20 @@ def test_votes_are_pose_times_transform_plus_offset_and_their_mean(dtype, q, wit
     expected = compute_votes(poses, transforms)  # (N, L, J, S, 16)
     if offset is not None:
         expected = expected + offset
-    votes, shift = cpu_kernels.votes(poses, cpu_kernels.tile_transforms(transforms), offset)
+    votes, shift = ffi.votes(poses, ffi.tile_transforms(transforms), offset)
     torch.testing.assert_close(votes, expected, **TOL[dtype])
     torch.testing.assert_close(shift, expected.mean(dim=3, keepdim=True), **TOL[dtype])
 
 
 def test_kernels_use_every_thread_and_give_the_same_result_on_one():
     poses, transforms, offset = case(torch.float64, 4, blocks=(3, 7))
-    tiled = cpu_kernels.tile_transforms(transforms)
+    tiled = ffi.tile_transforms(transforms)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = [t.clone() for t in cpu_kernels.votes(poses, tiled, offset)]
+        one = [t.clone() for t in ffi.votes(poses, tiled, offset)]
         torch.set_num_threads(2)
-        two = cpu_kernels.votes(poses, tiled, offset)
+        two = ffi.votes(poses, tiled, offset)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one, two, strict=True):
@@ -64,21 +64,21 @@ def test_kernels_use_every_thread_and_give_the_same_result_on_one():
 def fresh_state(monkeypatch, tmp_path):
     """A kernel module state with nothing built or loaded yet, caching in tmp_path."""
     monkeypatch.setenv("EMCAPS_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_failure", None)
-    monkeypatch.setattr(cpu_kernels, "_warned", False)
-    before = cpu_kernels.backend()
+    monkeypatch.setattr(ffi, "_library", None)
+    monkeypatch.setattr(ffi, "_failure", None)
+    monkeypatch.setattr(ffi, "_warned", False)
+    before = ffi.backend()
     yield tmp_path
-    cpu_kernels.set_backend(before)
+    ffi.set_backend(before)
 
 
 def test_build_is_cached_by_source_compiler_and_cpu(fresh_state):
-    cpu_kernels.library()
+    ffi.library()
     built = list(fresh_state.glob("cpu_kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_kernels._library = None
-    cpu_kernels.library()  # loads the cached file, does not rebuild
+    ffi._library = None
+    ffi.library()  # loads the cached file, does not rebuild
     assert built[0].stat().st_mtime_ns == stamp
     assert not [p for p in fresh_state.iterdir() if p not in built]  # no temp files left
 
@@ -88,39 +88,39 @@ def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(
 ):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     x = torch.zeros(1)
-    cpu_kernels.set_backend("c")
-    with pytest.raises(cpu_kernels.KernelsUnavailable, match="no C compiler found"):
-        cpu_kernels.use_c_kernels(x)
-    cpu_kernels.set_backend("auto")
-    assert cpu_kernels.use_c_kernels(x) is False
-    assert cpu_kernels.use_c_kernels(x) is False
+    ffi.set_backend("c")
+    with pytest.raises(ffi.KernelsUnavailable, match="no C compiler found"):
+        ffi.use_c_kernels(x)
+    ffi.set_backend("auto")
+    assert ffi.use_c_kernels(x) is False
+    assert ffi.use_c_kernels(x) is False
     err = capsys.readouterr().err
     assert err.count("using the slower PyTorch routing kernels") == 1  # said once, on stderr
 
 
 def test_backend_choice():
     x = torch.zeros(1)
-    before = cpu_kernels.backend()
+    before = ffi.backend()
     try:
-        cpu_kernels.set_backend("torch")
-        assert cpu_kernels.use_c_kernels(x) is False
-        cpu_kernels.set_backend("c")
-        assert cpu_kernels.use_c_kernels(x) is True
-        with pytest.raises(cpu_kernels.KernelsUnavailable, match="float32 or float64"):
-            cpu_kernels.use_c_kernels(x.bfloat16())
-        cpu_kernels.set_backend("auto")
-        assert cpu_kernels.use_c_kernels(x) is True
-        assert cpu_kernels.use_c_kernels(x.bfloat16()) is False
+        ffi.set_backend("torch")
+        assert ffi.use_c_kernels(x) is False
+        ffi.set_backend("c")
+        assert ffi.use_c_kernels(x) is True
+        with pytest.raises(ffi.KernelsUnavailable, match="float32 or float64"):
+            ffi.use_c_kernels(x.bfloat16())
+        ffi.set_backend("auto")
+        assert ffi.use_c_kernels(x) is True
+        assert ffi.use_c_kernels(x.bfloat16()) is False
     finally:
-        cpu_kernels.set_backend(before)
+        ffi.set_backend(before)
     with pytest.raises(ValueError, match="auto, c, torch"):
-        cpu_kernels.set_backend("cuda")
+        ffi.set_backend("cuda")
 
 
 def test_vectorised_exp_is_within_one_ulp_and_keeps_the_edge_cases():
     """float32 E-step normalisation uses the kernels' own exp: measured against exp in float64."""
     x = torch.linspace(-87.3, 88.3, 16 * 20_000, dtype=torch.float32)
-    got = cpu_kernels.exp_lanes(x).double()
+    got = ffi.exp_lanes(x).double()
     exact = torch.exp(x.double())
     rounded = exact.float()
     ulp = (torch.nextafter(rounded, torch.tensor(float("inf"))) - rounded).double()
@@ -128,19 +128,17 @@ def test_vectorised_exp_is_within_one_ulp_and_keeps_the_edge_cases():
     edge = torch.tensor(
         [0.0, float("-inf"), -1e30, -90.0, float("nan"), 1.0, -1.0, 2.0] * 2, dtype=torch.float32
     )
-    out = cpu_kernels.exp_lanes(edge)
+    out = ffi.exp_lanes(edge)
     assert out[0] == 1.0 and out[1] == 0.0 and out[2] == 0.0 and out[3] == 0.0
     assert torch.isnan(out[4])  # a NaN upstream must not turn into a finite number here
     torch.testing.assert_close(out[5:8], torch.exp(edge[5:8]), atol=0, rtol=2e-7)
-    torch.testing.assert_close(
-        cpu_kernels.exp_lanes(x.double()), torch.exp(x.double()), atol=0, rtol=1e-15
-    )
+    torch.testing.assert_close(ffi.exp_lanes(x.double()), torch.exp(x.double()), atol=0, rtol=1e-15)
 
 
 def test_routing_gradients_agree_on_one_and_two_threads():
     """route_backward keeps per-thread copies of dL/dW; their sum must not depend on the count."""
-    from emcaps_cli.capsules.fused_routing import RoutingSpec, route
     from emcaps_cli.capsules.geometry import conv_child_map
+    from emcaps_cli.routing.fused import RoutingSpec, route
 
     g = torch.Generator().manual_seed(3)
     d = torch.float64
@@ -151,9 +149,9 @@ def test_routing_gradients_agree_on_one_and_two_threads():
     spec = RoutingSpec(3, 0.5, conv_child_map(4, 4, 3, 1, 2), 4, 4)
     grads = []
     threads = torch.get_num_threads()
-    before = cpu_kernels.backend()
+    before = ffi.backend()
     try:
-        cpu_kernels.set_backend("c")
+        ffi.set_backend("c")
         for count in (1, 2):
             torch.set_num_threads(count)
             leaves = [t.clone().requires_grad_(True) for t in (poses, transforms, acts)]
@@ -162,7 +160,7 @@ def test_routing_gradients_agree_on_one_and_two_threads():
             grads.append([t.grad for t in leaves])
     finally:
         torch.set_num_threads(threads)
-        cpu_kernels.set_backend(before)
+        ffi.set_backend(before)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
@@ -171,5 +169,5 @@ def test_unwritable_cache_is_reported_not_raised_as_oserror(fresh_state, monkeyp
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("EMCAPS_KERNEL_CACHE", str(blocker / "kernels"))
-    with pytest.raises(cpu_kernels.KernelsUnavailable, match="could not build into"):
-        cpu_kernels.library()
+    with pytest.raises(ffi.KernelsUnavailable, match="could not build into"):
+        ffi.library()

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from emcaps_cli.capsules.fused_routing import RoutingSpec, plain_route, route
 from emcaps_cli.capsules.geometry import conv_child_map
+from emcaps_cli.routing.fused import RoutingSpec, plain_route, route
 
 D = torch.float64
 
@@ -136,16 +136,16 @@ def test_backward_frees_its_recordings(kernels):
     import gc
     import weakref
 
-    from emcaps_cli.capsules import fused_routing
+    from emcaps_cli.routing import fused
 
     alive = []
-    original = fused_routing._RecordingVoteOps.__init__
+    original = fused._RecordingVoteOps.__init__
 
     def tracking_init(self, *args):
         original(self, *args)
         alive.append(weakref.ref(self))
 
-    fused_routing._RecordingVoteOps.__init__ = tracking_init
+    fused._RecordingVoteOps.__init__ = tracking_init
     try:
         inputs, _, spec = problem("matrix", True, False)
         args = [t.clone().requires_grad_(True) for t in inputs]
@@ -154,12 +154,12 @@ def test_backward_frees_its_recordings(kernels):
         del poses, acts
         gc.collect()
     finally:
-        fused_routing._RecordingVoteOps.__init__ = original
+        fused._RecordingVoteOps.__init__ = original
     assert alive and all(ref() is None for ref in alive)
 
 
 def test_chunks_respect_the_vote_budget_and_are_balanced():
-    from emcaps_cli.capsules.fused_routing import _chunks
+    from emcaps_cli.routing.fused import _chunks
 
     poses = torch.zeros(32, 4, 18, 16)  # 4 positions x 18 slots, 3 parent types: 3,456 votes
     transforms = torch.zeros(18, 3, 4, 4)
@@ -206,15 +206,16 @@ def test_backward_twice_with_retained_graph(kernels):
 
 def test_c_kernels_and_pytorch_path_give_the_same_network(kernels):
     """The whole paper-shaped network (tiny widths), float64: outputs and every gradient."""
-    from emcaps_cli.capsules import cpu_kernels
-    from emcaps_cli.models import ModelConfig, build_model, parse_arch
+    from emcaps_cli.config import ModelConfig, parse_arch
+    from emcaps_cli.models import build_model
+    from emcaps_cli.routing.c import ffi
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=parse_arch("8,4,4,4"))).double()
     x = torch.randn(3, 2, 32, 32, dtype=D)
     results = []
     for backend in ("torch", kernels):
-        cpu_kernels.set_backend(backend)
+        ffi.set_backend(backend)
         model.zero_grad()
         out = model(x)
         (out * torch.arange(5, dtype=D)).sum().backward()
@@ -229,19 +230,19 @@ def test_c_kernels_and_pytorch_path_give_the_same_network(kernels):
 @pytest.mark.parametrize("offset", [True, False])
 def test_c_forward_in_float32_agrees_with_the_pytorch_path(exact, offset):
     """float32 runs the C kernels' own vectorised exp; float64 tests above pin the math."""
-    from emcaps_cli.capsules import cpu_kernels
+    from emcaps_cli.routing.c import ffi
 
     inputs, vote_offset, spec = problem("matrix", exact, offset, images=3)
     inputs = [t.float() for t in inputs]
     vote_offset = None if vote_offset is None else vote_offset.float()
     results = []
-    before = cpu_kernels.backend()
+    before = ffi.backend()
     try:
         for backend in ("torch", "c"):
-            cpu_kernels.set_backend(backend)
+            ffi.set_backend(backend)
             results.append(route(*inputs, spec, vote_offset))
     finally:
-        cpu_kernels.set_backend(before)
+        ffi.set_backend(before)
     (p1, a1), (p2, a2) = results
     torch.testing.assert_close(p2, p1, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(a2, a1, atol=2e-6, rtol=1e-5)

@@ -7,8 +7,9 @@ import torch
 
 from emcaps_cli.capsules.geometry import conv_child_map
 from emcaps_cli.capsules.health import LAYERS, ROUTING_LAYERS, assignment_stats, capsule_health
+from emcaps_cli.config import ModelConfig
 from emcaps_cli.losses import spread_loss
-from emcaps_cli.models import ModelConfig, build_model
+from emcaps_cli.models import build_model
 
 
 def test_uniform_assignments_have_full_entropy_and_the_smallest_maximum():

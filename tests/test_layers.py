@@ -5,7 +5,8 @@ import torch
 
 from emcaps_cli.capsules.geometry import patch_positions, receptive_field_centres
 from emcaps_cli.capsules.layers import ClassCaps, ConvCaps, PrimaryCaps
-from emcaps_cli.models import ModelConfig, build_model, count_parameters
+from emcaps_cli.config import ModelConfig
+from emcaps_cli.models import build_model, count_parameters
 
 D = torch.float64
 
@@ -101,7 +102,8 @@ def test_network_is_dtype_agnostic_and_differentiable():
 def test_network_trains_after_running_under_inference_mode(kernels):
     """Cached geometry (and the C kernels' workspace) made under torch.inference_mode must not
     turn into inference tensors that a later backward would need."""
-    from emcaps_cli.models import ModelConfig, build_model, parse_arch
+    from emcaps_cli.config import ModelConfig, parse_arch
+    from emcaps_cli.models import build_model
 
     model = build_model(ModelConfig(arch=parse_arch("8,4,4,4"), iters=1))
     x = torch.randn(2, 2, 32, 32)

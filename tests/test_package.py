@@ -18,7 +18,7 @@ def test_importing_emcaps_turns_on_huge_pages_unless_the_user_chose():
 def test_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
     import platform
 
-    from emcaps_cli.allocator import keep_freed_memory
+    from emcaps_cli.utils.allocator import keep_freed_memory
 
     if platform.libc_ver()[0] == "glibc":
         assert keep_freed_memory() is True

@@ -6,7 +6,8 @@ import torch
 
 from emcaps_cli.capsules import parametrisation
 from emcaps_cli.capsules.layers import ClassCaps, ConvCaps
-from emcaps_cli.models import ModelConfig, build_model
+from emcaps_cli.config import ModelConfig
+from emcaps_cli.models import build_model
 
 
 def released_logit(beta_t, masses, log_var, s_b, a_b):

@@ -4,10 +4,10 @@ invariants and numerical stability."""
 import pytest
 import torch
 
+from emcaps_cli.capsules.em import VAR_FLOOR, em_routing, inverse_temperatures
 from emcaps_cli.capsules.geometry import conv_child_map
 from emcaps_cli.capsules.layers import ConvCaps
 from emcaps_cli.capsules.reference import dense_conv_problem, reference_em_routing
-from emcaps_cli.capsules.routing import VAR_FLOOR, em_routing, inverse_temperatures
 
 D = torch.float64
 
@@ -204,7 +204,7 @@ def test_initial_assignments_are_uniform_over_actual_parents():
     # carries weight 1/J, a centre child 1/(9J). Check via the parent's amount of data.
     side, k, b, j = 5, 3, 1, 2
     child_map = conv_child_map(side, side, k, 1, b)
-    from emcaps_cli.capsules.routing import initial_assignments
+    from emcaps_cli.capsules.em import initial_assignments
 
     R = initial_assignments((1, 9, j, 9), child_map, torch.zeros(1, dtype=D))
     per_child = torch.zeros(child_map.num_children, dtype=D).index_add(

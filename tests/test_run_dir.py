@@ -15,7 +15,7 @@ from conftest import assert_error_line, make_cache, run_emcaps
 from typer.testing import CliRunner
 
 from emcaps_cli.cli import app
-from emcaps_cli.rundir import LOCK_FILE, RUN_FILES
+from emcaps_cli.training.rundir import LOCK_FILE, RUN_FILES
 
 QUICK = ["--model", "cnn", "--device", "cpu", "--batch-size", "10", "--limit-test", "10"]
 

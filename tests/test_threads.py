@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from emcaps_cli import threads
-from emcaps_cli.threads import CpuSample, ThreadGovernor, others_load, threads_for
+from emcaps_cli.utils import threads
+from emcaps_cli.utils.threads import CpuSample, ThreadGovernor, others_load, threads_for
 
 
 class FakeMachine:

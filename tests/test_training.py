@@ -12,17 +12,16 @@ import torch
 from conftest import make_cache
 from torch import nn
 
-from emcaps_cli import training
 from emcaps_cli.checkpoint import load_model, resolve_checkpoint
+from emcaps_cli.config import ModelConfig, TrainConfig
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.data.viewpoints import familiar_mask
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
-from emcaps_cli.models import ModelConfig
-from emcaps_cli.training import (
+from emcaps_cli.training import loop
+from emcaps_cli.training.loop import (
     Reporter,
-    TrainConfig,
     TrainingInterrupted,
     resume_config,
     split_indices,
@@ -51,7 +50,7 @@ class TinyNet(nn.Module):
 
 @pytest.fixture
 def tiny_net(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(training, "build_model", TinyNet)
+    monkeypatch.setattr(loop, "build_model", TinyNet)
 
 
 class StepLosses(Reporter):
@@ -245,7 +244,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
 
         return wrapped
 
-    monkeypatch.setattr(training, "get_loss", loss_that_signals)
+    monkeypatch.setattr(loop, "get_loss", loss_that_signals)
     run = tmp_path / "run"
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as info:
@@ -255,7 +254,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
     assert signal.getsignal(signal.SIGTERM) is handler_before
 
-    monkeypatch.setattr(training, "get_loss", get_loss)
+    monkeypatch.setattr(loop, "get_loss", get_loss)
     train(resume_config(run), resume=True)
     assert_same_weights(straight / "last.pt", run / "last.pt")
     ours = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -298,7 +297,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint
 
         return wrapped
 
-    monkeypatch.setattr(training, "get_loss", loss_that_explodes)
+    monkeypatch.setattr(loop, "get_loss", loss_that_explodes)
     run = tmp_path / "run"
     with pytest.raises(EmcapsError, match=r"non-finite training loss \(nan\) at epoch 2, step 3"):
         train(cnn_config(cache, run, epochs=3))
@@ -362,7 +361,7 @@ def test_without_augmentation_training_batches_are_the_centre_crops(
 ) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=40, n_test=10)
     seen: list[torch.Tensor] = []
-    build = training.build_model
+    build = loop.build_model
 
     class Spy(nn.Module):
         def __init__(self) -> None:
@@ -375,9 +374,9 @@ def test_without_augmentation_training_batches_are_the_centre_crops(
                 seen.append(x.detach().clone())
             return self.inner(x)
 
-    monkeypatch.setattr(training, "build_model", lambda config: Spy())
+    monkeypatch.setattr(loop, "build_model", lambda config: Spy())
     train(cnn_config(cache, tmp_path / "run", augment=False, validation_fraction=0.0))
     images = torch.from_numpy(load_cache(str(cache)).train.images[:])
-    order = training.epoch_permutation(len(images), 0, 0)
+    order = loop.epoch_permutation(len(images), 0, 0)
     first = eval_batch(images[order[:20]], 2)
     torch.testing.assert_close(seen[0], first)

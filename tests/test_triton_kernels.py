@@ -22,14 +22,11 @@ try:
 except ImportError as err:  # the dev extra installs it
     pytest.skip(f"triton is not importable ({err})", allow_module_level=True)
 
-from emcaps_cli.capsules import (  # noqa: E402
-    cpu_kernels,
-    fused_routing,
-    triton_kernels,
-)
-from emcaps_cli.capsules.fused_routing import RoutingSpec, plain_route, route  # noqa: E402
 from emcaps_cli.capsules.geometry import conv_child_map  # noqa: E402
 from emcaps_cli.capsules.layers import ClassCaps  # noqa: E402
+from emcaps_cli.routing import fused, triton_kernels  # noqa: E402
+from emcaps_cli.routing.c import ffi  # noqa: E402
+from emcaps_cli.routing.fused import RoutingSpec, plain_route, route  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 D = torch.float64
@@ -49,10 +46,10 @@ if not ON_GPU and not INTERPRETED:
 
 @pytest.fixture(autouse=True)
 def triton_backend():
-    before = cpu_kernels.backend()
-    cpu_kernels.set_backend("triton")
+    before = ffi.backend()
+    ffi.set_backend("triton")
     yield
-    cpu_kernels.set_backend(before)
+    ffi.set_backend(before)
 
 
 def conv_problem(pose, exact, offset, iters, images=2, seed=0, dtype=D, power=1.0):
@@ -111,7 +108,7 @@ def assert_triton_equals_plain(tensors, vote_offset, spec, tol):
         offset = None if vote_offset is None else vote_offset.clone().requires_grad_(True)
         leaves.append((copy, offset))
     (a, off_a), (b, off_b) = leaves
-    assert fused_routing.implementation(a[0]) is fused_routing._TritonVotes
+    assert fused.implementation(a[0]) is fused._TritonVotes
     p1, a1 = route(*a, spec, off_a)
     p2, a2 = plain_route(*b, spec, off_b)
     torch.testing.assert_close(p1, p2, **tol["values"])
@@ -224,27 +221,27 @@ def test_child_table_lists_every_parent_slot_of_each_child():
 
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    reason = fused_routing.triton_unavailable(torch.zeros(1))
+    reason = fused.triton_unavailable(torch.zeros(1))
     assert reason is not None and "CUDA" in reason
-    with pytest.raises(cpu_kernels.KernelsUnavailable, match="--kernels triton: .*CUDA"):
-        fused_routing.implementation(torch.zeros(1))
+    with pytest.raises(ffi.KernelsUnavailable, match="--kernels triton: .*CUDA"):
+        fused.implementation(torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert "float32 or float64" in fused_routing.triton_unavailable(torch.zeros(1).bfloat16())
+    assert "float32 or float64" in fused.triton_unavailable(torch.zeros(1).bfloat16())
 
 
 def test_auto_takes_triton_on_cuda_and_warns_once_when_it_cannot(monkeypatch):
     cuda_like = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
-    cpu_kernels.set_backend("auto")
+    ffi.set_backend("auto")
     if not ON_GPU:
-        monkeypatch.setattr(fused_routing, "triton_unavailable", lambda like: None)
-    assert fused_routing.implementation(cuda_like) is fused_routing._TritonVotes
-    monkeypatch.setattr(fused_routing, "triton_unavailable", lambda like: "no triton here")
-    monkeypatch.setattr(fused_routing, "_triton_warned", False)
+        monkeypatch.setattr(fused, "triton_unavailable", lambda like: None)
+    assert fused.implementation(cuda_like) is fused._TritonVotes
+    monkeypatch.setattr(fused, "triton_unavailable", lambda like: "no triton here")
+    monkeypatch.setattr(fused, "_triton_warned", False)
     with pytest.warns(UserWarning, match=r"slower PyTorch ops \(no triton here\)") as record:
-        assert fused_routing.implementation(cuda_like) is fused_routing._TorchVotes
-        assert fused_routing.implementation(cuda_like) is fused_routing._TorchVotes
+        assert fused.implementation(cuda_like) is fused._TorchVotes
+        assert fused.implementation(cuda_like) is fused._TorchVotes
     assert len(record) == 1
-    assert fused_routing.implementation(torch.zeros(1)) is not fused_routing._TritonVotes
+    assert fused.implementation(torch.zeros(1)) is not fused._TritonVotes
 
 
 def test_kernels_option_takes_triton_and_refuses_it_without_a_gpu(monkeypatch):
@@ -254,7 +251,7 @@ def test_kernels_option_takes_triton_and_refuses_it_without_a_gpu(monkeypatch):
     from emcaps_cli.errors import EmcapsError
 
     use_kernels("triton")  # the interpreter (or a GPU) is here
-    assert cpu_kernels.backend() == "triton"
+    assert ffi.backend() == "triton"
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(EmcapsError, match="--kernels triton: .*need a CUDA GPU"):
@@ -283,14 +280,15 @@ def test_a_nan_input_reaches_both_outputs_of_its_image_only(where):
 def test_paper_shaped_network_on_triton_equals_the_pytorch_path():
     """The whole network (tiny widths, stride-2 exact routing with children no parent holds,
     the class layer): outputs and every parameter gradient, Triton against PyTorch ops."""
-    from emcaps_cli.models import ModelConfig, build_model, parse_arch
+    from emcaps_cli.config import ModelConfig, parse_arch
+    from emcaps_cli.models import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=parse_arch("8,4,4,4"))).to(DEVICE)
     x = torch.randn(4, 2, 32, 32, device=DEVICE)
     results = []
     for backend in ("torch", "triton"):
-        cpu_kernels.set_backend(backend)
+        ffi.set_backend(backend)
         model.zero_grad()
         out = model(x)
         (out * torch.arange(5, device=DEVICE)).sum().backward()

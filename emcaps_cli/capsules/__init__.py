@@ -1,1 +1,1 @@
-"""Capsule building blocks: EM routing, capsule layers, and the network of Fig. 1."""
+"""The maths of matrix capsules: geometry, votes, EM routing (Procedure 1), capsule layers."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from emcaps_cli.capsules.routing import ChildMap
+from emcaps_cli.capsules.em import ChildMap
 
 
 def output_size(size: int, kernel: int, stride: int) -> int:

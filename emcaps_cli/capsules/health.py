@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from emcaps_cli.capsules.em import ChildMap, RoutingStep, em_routing
 from emcaps_cli.capsules.layers import RoutingInputs
-from emcaps_cli.capsules.routing import ChildMap, RoutingStep, em_routing
 
 ROUTING_LAYERS = ("conv_caps1", "conv_caps2", "class_caps")
 LAYERS = ("conv1", "primary_caps", *ROUTING_LAYERS)

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from emcaps_cli.capsules import geometry
-from emcaps_cli.capsules.fused_routing import RoutingSpec, route
+from emcaps_cli.capsules.em import VAR_FLOOR
 from emcaps_cli.capsules.parametrisation import effective_parameters, initialise_parameters
-from emcaps_cli.capsules.routing import VAR_FLOOR
 from emcaps_cli.capsules.votes import POSE_SIZE, compute_votes
+from emcaps_cli.routing.fused import RoutingSpec, route
 
 
 class RoutingInputs(NamedTuple):
-    """One capsule layer's routing problem, as `fused_routing.route` takes it."""
+    """One capsule layer's routing problem, as `routing.fused.route` takes it."""
 
     child_poses: torch.Tensor  # (N, L, S, 16)
     transforms: torch.Tensor  # (S, J, q, q)

@@ -1,5 +1,5 @@
 """A slow, loop-based EM routing written straight from Procedure 1, one child and one parent at
-a time. It exists to check the vectorised `routing.em_routing` and to time against it.
+a time. It exists to check the vectorised `em.em_routing` and to time against it.
 
 A routing problem is given densely for ONE image:
     votes      (I, J, H)  vote of child i for parent j (ignored where not connected)
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from emcaps_cli.capsules.routing import SUM_FLOOR, VAR_FLOOR, inverse_temperatures
+from emcaps_cli.capsules.em import SUM_FLOOR, VAR_FLOOR, inverse_temperatures
 
 
 def reference_em_routing(

@@ -14,8 +14,8 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from emcaps_cli.allocator import keep_freed_memory
 from emcaps_cli.cli._common import INTERRUPTED, click_exceptions, usage_message
+from emcaps_cli.utils.allocator import keep_freed_memory
 
 
 class OneLineErrors(TyperGroup):
@@ -59,5 +59,5 @@ for _name in COMMANDS:
 
 
 def main() -> None:
-    keep_freed_memory()  # faster routing on CPU; see emcaps_cli/allocator.py
+    keep_freed_memory()  # faster routing on CPU; see emcaps_cli/utils/allocator.py
     app(prog_name="emcaps")  # also under `python -m emcaps_cli`

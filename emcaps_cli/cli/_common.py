@@ -104,19 +104,19 @@ def kernels_option() -> Any:
 
 def use_kernels(choice: str | None) -> None:
     """Apply --kernels (or check $EMCAPS_KERNELS): a bad value is a one-line error."""
-    from emcaps_cli.capsules import cpu_kernels
+    from emcaps_cli.routing.c import ffi
 
     try:
         if choice is not None:
-            cpu_kernels.set_backend(choice)
-        if cpu_kernels.backend() == "c":
-            cpu_kernels.library()  # build now: a failure is an error before any work starts
-        if cpu_kernels.backend() == "triton":
+            ffi.set_backend(choice)
+        if ffi.backend() == "c":
+            ffi.library()  # build now: a failure is an error before any work starts
+        if ffi.backend() == "triton":
             _import_triton()
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--kernels") from None
-    except cpu_kernels.KernelsUnavailable as exc:
-        raise EmcapsError(f"--kernels {cpu_kernels.backend()}: {exc}") from None
+    except ffi.KernelsUnavailable as exc:
+        raise EmcapsError(f"--kernels {ffi.backend()}: {exc}") from None
 
 
 def _import_triton() -> None:
@@ -124,11 +124,12 @@ def _import_triton() -> None:
     front, not at the first routing call."""
     import torch
 
-    from emcaps_cli.capsules import cpu_kernels, fused_routing
+    from emcaps_cli.routing import fused
+    from emcaps_cli.routing.c import ffi
 
-    if not torch.cuda.is_available() and not fused_routing.interpreting():
-        raise cpu_kernels.KernelsUnavailable("the Triton kernels need a CUDA GPU, and none is here")
+    if not torch.cuda.is_available() and not fused.interpreting():
+        raise ffi.KernelsUnavailable("the Triton kernels need a CUDA GPU, and none is here")
     try:
-        from emcaps_cli.capsules import triton_kernels  # noqa: F401
+        from emcaps_cli.routing import triton_kernels  # noqa: F401
     except ImportError as err:
-        raise cpu_kernels.KernelsUnavailable(f"Triton is not importable ({err})") from None
+        raise ffi.KernelsUnavailable(f"Triton is not importable ({err})") from None

@@ -8,8 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from emcaps_cli.atomic import check_output_file
-from emcaps_cli.attack_plots import plot_attack_curves, short_name
+from emcaps_cli.attacks.plots import plot_attack_curves, short_name
 from emcaps_cli.cli._common import (
     console,
     friendly_errors,
@@ -27,6 +26,7 @@ from emcaps_cli.defaults import (
     STEP_SIZE_FACTOR,
 )
 from emcaps_cli.errors import EmcapsError
+from emcaps_cli.utils.atomic import check_output_file
 
 
 def _eps_text(values: tuple[float, ...]) -> str:
@@ -125,9 +125,14 @@ def attack(
     """Accuracy (or targeted success rate) of CKPT(s) on FGSM or BIM adversarial test images,
     for each ε, with the section 6 gradient diagnostics (share of exactly-zero input-gradient
     entries, mean |gradient|). ε is in units of the standardised image and nothing is clipped."""
-    from emcaps_cli.attacks import AttackSettings, attack_checkpoints, parse_eps, work_units
-    from emcaps_cli.device import resolve_device
+    from emcaps_cli.attacks.protocol import (
+        AttackSettings,
+        attack_checkpoints,
+        parse_eps,
+        work_units,
+    )
     from emcaps_cli.evaluation import load_test_images
+    from emcaps_cli.utils.device import resolve_device
 
     use_kernels(kernels)
     if plot is not None:

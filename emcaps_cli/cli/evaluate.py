@@ -99,8 +99,8 @@ def evaluate(
     """Test error of a checkpoint: overall, per class, confusion matrix, by azimuth and
     elevation, and familiar vs novel viewpoints for a checkpoint trained on a viewpoint split."""
     from emcaps_cli.checkpoint import load_model
-    from emcaps_cli.device import resolve_device
     from emcaps_cli.evaluation import checkpoint_split, evaluate_model, load_test_images
+    from emcaps_cli.utils.device import resolve_device
 
     use_kernels(kernels)
     torch_device = resolve_device(device)

@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from emcaps_cli.models import ModelConfig, parse_arch
+from emcaps_cli.config import ModelConfig, parse_arch
 
 MODEL = typer.Option("capsnet", "--model", help="capsnet (Fig. 1) | cnn (section 5 baseline).")
 ARCH = typer.Option(

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     ) -> None:
         """Show the network's layers, output shapes (per image) and parameter counts."""
-        from emcaps_cli.summary import describe
+        from emcaps_cli.models.summary import describe
 
         config = opts.model_config(
             model, arch, iters, pose, coord_add, channels, routing, final_lambda

@@ -25,7 +25,7 @@ from emcaps_cli.cli._common import (
     use_kernels,
 )
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.reporter import Reporter
+from emcaps_cli.utils.reporter import Reporter
 
 
 def _pct(value: float | None) -> str:
@@ -246,7 +246,8 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Train on the smallNORB cache; write checkpoints, metrics and curves to RUN_DIR."""
-    from emcaps_cli.training import TrainConfig, TrainingInterrupted, resume_config, train
+    from emcaps_cli.config import TrainConfig
+    from emcaps_cli.training.loop import TrainingInterrupted, resume_config, train
 
     use_kernels(kernels)
     if resume:

@@ -25,10 +25,10 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from emcaps_cli.atomic import atomic_path, check_output_file
 from emcaps_cli.data import smallnorb
 from emcaps_cli.defaults import CACHE_IMAGE_SIZE
 from emcaps_cli.errors import EmcapsError
+from emcaps_cli.utils.atomic import atomic_path, check_output_file
 
 FORMAT_VERSION = 1
 DEFAULT_SIZE = CACHE_IMAGE_SIZE

@@ -31,8 +31,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from emcaps_cli.atomic import atomic_path
 from emcaps_cli.errors import EmcapsError
+from emcaps_cli.utils.atomic import atomic_path
 
 MAGIC_UINT8 = 0x1E3D4C55
 MAGIC_INT32 = 0x1E3D4C54

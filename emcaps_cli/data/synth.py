@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emcaps_cli.atomic import check_output_dir
 from emcaps_cli.data import smallnorb
 from emcaps_cli.defaults import ALL_VIEWS
+from emcaps_cli.utils.atomic import check_output_dir
 
 RAW = smallnorb.RAW_SIZE
 SUPERSAMPLE = 2
@@ -558,7 +558,7 @@ def save_sample_grid(path: str | os.PathLike, instance: int = 0, seed: int = 0) 
     """PNG grid of left views: rows = the 5 categories, columns = SAMPLE_VIEWS."""
     from PIL import Image
 
-    from emcaps_cli.atomic import atomic_path
+    from emcaps_cli.utils.atomic import atomic_path
 
     views = np.array(SAMPLE_VIEWS, dtype=np.int64)
     gap = 4

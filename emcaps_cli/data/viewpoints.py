@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from emcaps_cli.defaults import SPLITS
 from emcaps_cli.errors import EmcapsError
 
-SPLITS = ("full", "azimuth", "elevation")
 # Azimuths 300°, 320°, 340°, 0°, 20°, 40°: codes 30, 32, 34, 0, 2, 4.
 FAMILIAR_AZIMUTHS = (30, 32, 34, 0, 2, 4)
 # The three smallest elevations, 30°–40°.

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emcaps_cli.atomic import atomic_path
+from emcaps_cli.utils.atomic import atomic_path
 
 MODEL_LABELS = {"capsnet": "Capsules", "cnn": "CNN"}
 

@@ -1,10 +1,10 @@
-"""C kernels for EM routing on the CPU (source: cpu_kernels.c).
+"""C kernels for EM routing on the CPU (source: kernels.c, beside this file).
 
 `route_forward` computes a chunk's votes straight into the routing layout and runs every
 iteration of Procedure 1 on them, reading each vote once per pass (v² formed on the fly) while
 the chunk's votes sit in cache; `route_backward` is its hand-written backward, down to the
 gradients of the poses and W, with the vote gradient never stored. The PyTorch path
-(`routing.VoteOps`) makes one pass over memory per vote-sized operation and keeps v² next to v.
+(`capsules.em.VoteOps`) makes one pass over memory per vote-sized operation and keeps v² next to v.
 
 The source is compiled on first use with the system C compiler (`$CC`, else `cc`) at
 `-O3 -march=native -fopenmp` and cached under `$EMCAPS_KERNEL_CACHE` (default
@@ -15,7 +15,7 @@ already loaded, so they run on PyTorch's threads (`torch.set_num_threads`).
 Which path runs is `backend()`: "auto" (the default; the C kernels for float32/float64 CPU
 tensors when they build, with a one-line warning on stderr when they do not; the Triton
 kernels on CUDA), "c" (the C kernels or an error), "torch" (the PyTorch path everywhere) or
-"triton" (the Triton kernels, triton_kernels.py, or an error). `fused_routing.implementation`
+"triton" (the Triton kernels, routing/triton_kernels.py, or an error). `fused.implementation`
 makes the choice. Set it with `set_backend`, the `--kernels` option or `EMCAPS_KERNELS`.
 """
 
@@ -37,7 +37,7 @@ import torch
 
 from emcaps_cli.capsules.votes import POSE_SIZE
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
 BACKENDS = ("auto", "c", "torch", "triton")
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from emcaps_cli.capsules.geometry import output_size, receptive_field_centres
 from emcaps_cli.capsules.layers import ClassCaps, ConvCaps, PrimaryCaps
-from emcaps_cli.models import ModelConfig
+from emcaps_cli.config import ModelConfig
 
 # (kernel, stride) of every spatial layer, from the image up to the last conv capsules.
 LAYER_GEOMETRY = [(5, 2), (1, 1), (3, 2), (3, 1)]

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from emcaps_cli.models import ModelConfig, build_model, count_parameters
+from emcaps_cli.config import ModelConfig
+from emcaps_cli.models import build_model, count_parameters
 
 
 def _params(module: nn.Module) -> int:

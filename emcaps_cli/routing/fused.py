@@ -7,11 +7,11 @@ transforms, plus (when a gradient will be asked for) a tape of small per-parent 
 use of the votes is linear in v or in v², so the vote gradient has the form
 dL/dv = v ⊙ (A @ B) + A @ C with A (…, S, T) and B, C (…, T, H) built from T small records.
 
-Three implementations, chosen per call (`implementation`, by `cpu_kernels.backend()`):
+Three implementations, chosen per call (`implementation`, by `ffi.backend()`):
 
 * `_CVotes` — CPU, float32/float64: one C call per chunk runs votes and all of Procedure 1; a
   hand-written C backward recomputes the votes, derives the records and maps the vote gradient
-  to poses and W vote by vote, never storing it (cpu_kernels.c).
+  to poses and W vote by vote, never storing it (c/kernels.c).
 * `_TritonVotes` — CUDA (CPU tensors in Triton's interpreter), float32/float64: one kernel
   launch per routing iteration, one program per (image, parent position) recomputing its votes
   tile by tile in every pass; a hand-written backward of the same shape (triton_kernels.py).
@@ -24,7 +24,7 @@ The batch is taken in chunks of images (routing is independent per image) so tha
 vote tensor stays under VOTE_CHUNK_ELEMENTS (C_VOTE_CHUNK_ELEMENTS on the C kernels; the Triton
 kernels store nothing vote-sized and take the whole batch), in forward and backward alike.
 
-All three equal plain autograd through `routing.em_routing` (tested in float64).
+All three equal plain autograd through `capsules.em.em_routing` (tested in float64).
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from emcaps_cli.capsules import cpu_kernels
-from emcaps_cli.capsules.routing import (
+from emcaps_cli.capsules.em import (
     SUM_FLOOR,
     VAR_FLOOR,
     ChildMap,
@@ -46,6 +45,7 @@ from emcaps_cli.capsules.routing import (
     routing_iterations,
 )
 from emcaps_cli.capsules.votes import compute_votes, vote_backward, vote_matrix, votes_from_matrix
+from emcaps_cli.routing.c import ffi
 
 # Votes per routing chunk (64 MB in fp32): the best of 2^22..2^25 measured on 2 cores (paper and
 # small model, batch 32; docs/performance.md, "Routing the batch in chunks").
@@ -266,7 +266,7 @@ class _TorchVotes:
 
 
 class _CVotes:
-    """Votes and routing on the C kernels (CPU; cpu_kernels.c): one call per chunk forward, one
+    """Votes and routing on the C kernels (CPU; c/kernels.c): one call per chunk forward, one
     backward, the votes recomputed there and their gradient never stored."""
 
     @staticmethod
@@ -275,12 +275,12 @@ class _CVotes:
 
     @staticmethod
     def prepare(transforms):
-        return cpu_kernels.PreparedTransforms(transforms)
+        return ffi.PreparedTransforms(transforms)
 
     @staticmethod
-    def problem(chunk: _Chunk) -> cpu_kernels.RoutingProblem:
+    def problem(chunk: _Chunk) -> ffi.RoutingProblem:
         spec, cmap = chunk.spec, chunk.spec.child_map
-        return cpu_kernels.RoutingProblem(
+        return ffi.RoutingProblem(
             chunk.child_poses,
             chunk.prepared,
             chunk.vote_offset,
@@ -299,7 +299,7 @@ class _CVotes:
     @staticmethod
     def forward(chunk: _Chunk, tape):
         """The whole chunk in one C call (votes and every iteration of Procedure 1)."""
-        poses, logit, taped = cpu_kernels.route_forward(_CVotes.problem(chunk), tape is not None)
+        poses, logit, taped = ffi.route_forward(_CVotes.problem(chunk), tape is not None)
         if tape is not None:
             tape.extend(taped)
         return poses, logit
@@ -309,7 +309,7 @@ class _CVotes:
         """The same gradients as _TorchVotes.backward, from the C kernels' hand-written backward
         of the whole chunk."""
         problem = _CVotes.problem(chunk)
-        return cpu_kernels.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
+        return ffi.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
 
 
 class _TritonVotes:
@@ -327,7 +327,7 @@ class _TritonVotes:
 
     @staticmethod
     def problem(chunk: _Chunk):
-        from emcaps_cli.capsules import triton_kernels
+        from emcaps_cli.routing import triton_kernels
 
         spec, cmap = chunk.spec, chunk.spec.child_map
         l, s = chunk.child_poses.shape[1:3]
@@ -356,7 +356,7 @@ class _TritonVotes:
     @staticmethod
     def forward(chunk: _Chunk, tape):
         """Every iteration of Procedure 1 for the chunk, one kernel launch each."""
-        from emcaps_cli.capsules import triton_kernels
+        from emcaps_cli.routing import triton_kernels
 
         problem = _TritonVotes.problem(chunk)
         poses, logit, taped = triton_kernels.route_forward(problem, tape is not None)
@@ -367,7 +367,7 @@ class _TritonVotes:
     @staticmethod
     def backward(chunk: _Chunk, tape, transforms, grad_poses, grad_logit, need_offset):
         """The same gradients as _TorchVotes.backward, from the kernels' hand-written backward."""
-        from emcaps_cli.capsules import triton_kernels
+        from emcaps_cli.routing import triton_kernels
 
         problem = _TritonVotes.problem(chunk)
         return triton_kernels.route_backward(problem, tape, grad_poses, grad_logit, need_offset)
@@ -499,20 +499,20 @@ def route(
 
 
 def implementation(like: torch.Tensor):
-    """The routing implementation for tensors like `like`, by `cpu_kernels.backend()`:
+    """The routing implementation for tensors like `like`, by `ffi.backend()`:
     "triton" the Triton kernels or an error; "auto" the Triton kernels on CUDA (PyTorch ops
     with a one-line warning when Triton is missing), the C kernels on the CPU; "c" the C
     kernels on the CPU; "torch" PyTorch ops."""
-    choice = cpu_kernels.backend()
+    choice = ffi.backend()
     if choice == "triton" or (choice == "auto" and like.device.type == "cuda"):
         reason = triton_unavailable(like)
         if reason is None:
             return _TritonVotes
         if choice == "triton":
-            raise cpu_kernels.KernelsUnavailable(f"--kernels triton: {reason}")
+            raise ffi.KernelsUnavailable(f"--kernels triton: {reason}")
         _warn_triton_once(f"emcaps: routing on the slower PyTorch ops ({reason})")
         return _TorchVotes
-    return _CVotes if cpu_kernels.use_c_kernels(like) else _TorchVotes
+    return _CVotes if ffi.use_c_kernels(like) else _TorchVotes
 
 
 _triton_warned = False
@@ -533,7 +533,7 @@ def triton_unavailable(like: torch.Tensor) -> str | None:
     if like.dtype not in (torch.float32, torch.float64):
         return f"the Triton kernels take float32 or float64, not {like.dtype}"
     try:
-        from emcaps_cli.capsules import triton_kernels  # noqa: F401
+        from emcaps_cli.routing import triton_kernels  # noqa: F401
     except ImportError as err:
         return f"Triton is not importable: {err}"
     return None
@@ -569,7 +569,7 @@ def plain_route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`route` computed with plain autograd (every intermediate stored): the naive baseline the
     benchmark compares against, and a cross-check in the tests."""
-    from emcaps_cli.capsules.routing import em_routing
+    from emcaps_cli.capsules.em import em_routing
 
     votes = compute_votes(child_poses, transforms)
     if vote_offset is not None:

@@ -29,7 +29,7 @@ the softmax over each child's parents), the M-step's gradient, and the vote grad
 iteration, which is mapped at once to the poses (each program owns its rows), W and the vote
 offset (atomic adds into one of GRADIENT_COPIES copies, summed at the end); dL/dR_t and
 Σ_j R dL/dR per slot go to the next launch, with `_child_sum` in between for exact routing.
-All arithmetic runs in the inputs' dtype: float32 on the GPU (`fused_routing.route` casts
+All arithmetic runs in the inputs' dtype: float32 on the GPU (`routing.fused.route` casts
 bf16/fp16 up), float64 in the interpreter tests.
 
 The tests run these kernels on CPU tensors under TRITON_INTERPRET=1 against plain autograd.

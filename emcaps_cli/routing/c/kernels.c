@@ -1,4 +1,4 @@
-/* CPU kernels for the vote-sized work of EM routing (see cpu_kernels.py, which compiles this
+/* CPU kernels for the vote-sized work of EM routing (see ffi.py, which compiles this
  * file with the system C compiler and calls it through ctypes).
  *
  * route_forward computes a chunk's votes and runs every iteration of Procedure 1 on them;
@@ -312,7 +312,7 @@ static inline REAL NAME(log_sigmoid)(REAL x)
     return x < 0 ? x - log1p(exp(x)) : -log1p(exp(-x));
 }
 
-/* Procedure 1 forward for a chunk of N images (routing.py has the same math in PyTorch ops):
+/* Procedure 1 forward for a chunk of N images (capsules/em.py has the same math in PyTorch ops):
  *   votes v = pose @ W (+ offset) of B = N·L blocks into `votes` (B, J, S, 16), their mean per
  *   row into `shift` (B·J, 16); then `iters` M-steps with E-steps between, on x = v − c.
  * a_in (B, S); beta_u, beta_a (J); lambdas (iters) the inverse temperatures;

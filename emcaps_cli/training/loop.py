@@ -27,7 +27,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,19 +36,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from emcaps_cli.atomic import atomic_path
 from emcaps_cli.capsules.health import capsule_health
 from emcaps_cli.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from emcaps_cli.config import TrainConfig
 from emcaps_cli.data.cache import load_cache, require_image_size
 from emcaps_cli.data.transforms import eval_batch, train_batch
-from emcaps_cli.data.viewpoints import SPLITS, familiar_mask
-from emcaps_cli.device import resolve_device
+from emcaps_cli.data.viewpoints import familiar_mask
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.losses import LOSSES, get_loss, spread_margin
-from emcaps_cli.models import ModelConfig, build_model, count_parameters
-from emcaps_cli.reporter import Reporter
-from emcaps_cli.rundir import check_new_run, locked_run_dir
-from emcaps_cli.threads import keep_fair
+from emcaps_cli.losses import get_loss, spread_margin
+from emcaps_cli.models import build_model, count_parameters
+from emcaps_cli.training.rundir import check_new_run, locked_run_dir
+from emcaps_cli.utils.atomic import atomic_path
+from emcaps_cli.utils.device import resolve_device
+from emcaps_cli.utils.reporter import Reporter
+from emcaps_cli.utils.threads import keep_fair
 
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
@@ -56,121 +57,8 @@ CURVES_PNG = "curves.png"
 DIAGNOSTICS_PNG = "diagnostics.png"
 HEALTH_IMAGES = 16  # training images of the fixed diagnostics batch
 
-# Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
-DEFAULT_LR = {"capsnet": 1e-2, "cnn": 3e-4}
-
 # Options that may differ on --resume; everything else must match the run being continued.
 RESUMABLE = ("out", "data", "epochs", "stop_at_error", "device", "amp", "compile", "diagnostics")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; stored in config.json and every checkpoint.
-
-    loss            None: "spread" for the capsule network, "cross-entropy" for the CNN
-    batch_size      images per optimiser step per process (effective batch = × processes)
-    lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
-                    DEFAULT_LR of the model (docs/training.md)
-    margin_epochs   spread-loss margin reaches 0.9 after this many epochs; None: epochs / 2
-    validation_fraction  share of the (split-filtered) training images held out for best.pt
-    stop_at_error   stop once the familiar-view test error (a fraction) is <= this value
-    limit_train/test  reproducible random subsets (by `seed`) for quick runs
-    augment         random 32x32 crop + brightness/contrast for training (section 5); off:
-                    the centre crop, as for testing
-    augment_warmup  epochs over which the augmentation's ranges grow linearly from none to
-                    full (0: full from the first step)
-    diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
-    """
-
-    data: str = "data/smallnorb.h5"
-    out: str | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: str | None = None
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float | None = None
-    lr_decay: float = 0.96
-    weight_decay: float = 0.0
-    margin_epochs: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    validation_fraction: float = 0.1
-    split: str = "full"
-    stop_at_error: float | None = None
-    amp: bool = False
-    compile: bool = False
-    limit_train: int | None = None
-    limit_test: int | None = None
-    augment: bool = True
-    augment_warmup: float = 0.0
-    diagnostics: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
-        checks = (
-            (self.epochs >= 1, f"--epochs {self.epochs}: need at least 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: need at least 1"),
-            (
-                self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
-                f"--lr {self.lr}: expected a positive number",
-            ),
-            (0 < self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: expected 0 < decay <= 1"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
-            (
-                math.isfinite(self.augment_warmup) and self.augment_warmup >= 0,
-                f"--augment-warmup {self.augment_warmup}: expected epochs >= 0",
-            ),
-            (
-                0 <= self.validation_fraction < 1,
-                f"--validation-fraction {self.validation_fraction}: expected 0 <= f < 1",
-            ),
-            (self.split in SPLITS, f"--split {self.split}: expected one of {', '.join(SPLITS)}"),
-            (
-                self.loss is None or self.loss in LOSSES,
-                f"--loss {self.loss}: expected one of {', '.join(LOSSES)}",
-            ),
-            (
-                self.stop_at_error is None or 0 <= self.stop_at_error <= 1,
-                f"--stop-at-error {self.stop_at_error}: expected a fraction in [0, 1], "
-                "e.g. 0.037 for 3.7%",
-            ),
-            (
-                self.margin_epochs is None or self.margin_epochs > 0,
-                f"--margin-epochs {self.margin_epochs}: must be > 0",
-            ),
-            (
-                self.limit_train is None or self.limit_train >= 1,
-                f"--limit-train {self.limit_train}: need at least 1",
-            ),
-            (
-                self.limit_test is None or self.limit_test >= 1,
-                f"--limit-test {self.limit_test}: need at least 1",
-            ),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise EmcapsError(message)
-
-    def resolved(self) -> TrainConfig:
-        """A copy with the defaults that depend on other options filled in."""
-        loss = self.loss or ("spread" if self.model.model == "capsnet" else "cross-entropy")
-        margin_epochs = self.margin_epochs if self.margin_epochs is not None else self.epochs / 2
-        lr = self.lr if self.lr is not None else DEFAULT_LR[self.model.model]
-        return dataclasses.replace(self, loss=loss, margin_epochs=margin_epochs, lr=lr)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise EmcapsError(f"train config has unknown keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 @dataclass

@@ -1,22 +1,11 @@
-"""Adversarial attacks of section 6 (Fig. 3): FGSM (Goodfellow et al. 2014) and the Basic
-Iterative Method (Kurakin et al. 2016), untargeted and targeted, white-box or transferred from a
-source model (black box), plus the gradient diagnostics the paper uses to rule out gradient
-masking (Brendel & Bethge 2017).
-
-Units: ε and the BIM step size are in standardised-image units (one unit = one standard deviation
-of that image's pixels). Test images are standardised per image and centre-cropped exactly as in
-`emcaps evaluate`; the perturbation is added to that standardised 32x32 crop, which is what the
-model sees. Nothing is clipped: a standardised image has no fixed pixel range.
-
-The attacked loss is summed over the images of a batch, so an image's gradient does not depend on
-the batch size; the spread loss uses its final margin 0.9.
-"""
+"""The attack protocol of section 6: what to run, the models under attack, and the runs over ε
+and target classes whose results docs/attacks.md describes."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from emcaps_cli.attacks.methods import LossFn, bim, fgsm, image_loss, input_gradient
 from emcaps_cli.checkpoint import load_model
 from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.defaults import (  # noqa: F401 (re-exported)
@@ -42,12 +32,9 @@ from emcaps_cli.evaluation import (
     class_scores,
 )
 from emcaps_cli.losses import get_loss
-from emcaps_cli.threads import keep_fair
+from emcaps_cli.utils.threads import keep_fair
 
 METHODS = ("fgsm", "bim")
-ATTACK_MARGIN = 0.9  # the spread-loss margin at the end of training
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -94,81 +81,6 @@ def default_loss_name(ckpt: dict[str, Any]) -> str:
     if loss:
         return str(loss)
     return "cross-entropy" if ckpt["model_config"].get("model") == "cnn" else "spread"
-
-
-def image_loss(name: str) -> LossFn:
-    """loss(scores (N, K), target (N,)) summed over images; spread at margin ATTACK_MARGIN."""
-    fn = get_loss(name)
-
-    def loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return fn(scores, target, ATTACK_MARGIN) * scores.shape[0]
-
-    return loss
-
-
-def input_gradient(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: LossFn
-) -> torch.Tensor:
-    """∇ₓ loss(model(x), target), shape of x; parameter gradients are neither needed nor kept."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(loss(model(x), target), x)
-    return grad
-
-
-def _signed_step(grad: torch.Tensor, size: float, targeted: bool) -> torch.Tensor:
-    # A non-finite gradient entry gives no direction (sign(NaN) would poison the image).
-    step = size * torch.nan_to_num(grad.sign(), nan=0.0)
-    return -step if targeted else step
-
-
-def fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    eps: float,
-    loss: LossFn,
-    targeted: bool = False,
-    grad: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """FGSM: x + ε sign(∇ₓL(x, y)); targeted: x − ε sign(∇ₓL(x, t)), towards the target t.
-
-    x: standardised crops (N, C, 32, 32); target: true labels (untargeted) or target labels (N,).
-    `grad` may pass ∇ₓL(x, target) when the caller already has it (it does not depend on ε).
-    """
-    if eps == 0:
-        return x
-    if grad is None:
-        grad = input_gradient(model, x, target, loss)
-    return x.detach() + _signed_step(grad, eps, targeted)
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The nearest point of the L∞ ball of radius ε around x."""
-    return x + (x_adv - x).clamp(-eps, eps)
-
-
-def bim(
-    model: nn.Module,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    eps: float,
-    loss: LossFn,
-    steps: int = DEFAULT_STEPS,
-    step_size: float | None = None,
-    targeted: bool = False,
-) -> torch.Tensor:
-    """BIM (Kurakin et al. 2016): `steps` sign steps of size α, each projected onto the L∞
-    ε-ball around x. α defaults to STEP_SIZE_FACTOR ε / steps. Shapes as in `fgsm`."""
-    if eps == 0:
-        return x
-    alpha = STEP_SIZE_FACTOR * eps / steps if step_size is None else step_size
-    x = x.detach()
-    x_adv = x
-    for _ in range(steps):
-        grad = input_gradient(model, x_adv, target, loss)
-        x_adv = project(x_adv + _signed_step(grad, alpha, targeted), x, eps)
-    return x_adv
 
 
 @dataclass

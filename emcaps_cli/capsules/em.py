@@ -230,7 +230,7 @@ def em_routing(
 
     votes (N, L, J, S, H), activations_in (N, L, S), β (J,). Returns (poses (N, L, J, H),
     activations (N, L, J)), plus the assignments R (N, L, J, S) of an E-step run after the last
-    M-step when `return_assignments`. The capsule layers use `fused_routing.route`, which
+    M-step when `return_assignments`. The capsule layers use `routing.fused.route`, which
     computes the same thing with far less memory.
     """
     # Centre on a constant (detached) per-parent shift: exact, and better conditioned.

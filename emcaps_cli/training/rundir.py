@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from emcaps_cli.atomic import check_output_dir
 from emcaps_cli.errors import EmcapsError
+from emcaps_cli.utils.atomic import check_output_dir
 
 # Files a run writes; any of them means the directory holds a run.
 RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from emcaps_cli.models import ModelConfig
+from emcaps_cli.config import ModelConfig
 
 
 class BaselineCNN(nn.Module):

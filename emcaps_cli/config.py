@@ -1,0 +1,227 @@
+"""Run configuration: ModelConfig (the network) and TrainConfig (the training run).
+
+Both are stored in every checkpoint and (TrainConfig) in a run's config.json, as plain dicts
+(`to_dict` / `from_dict`). A leaf module: it imports nothing heavy and no other emcaps module
+but errors and defaults, so the CLI can build configs and show its `--help` without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from emcaps_cli.defaults import LOSSES, PARAMETRISATIONS, SPLITS
+from emcaps_cli.errors import EmcapsError
+
+MODELS = ("capsnet", "cnn")
+# Values of later fields for configs (checkpoints) written before the field existed.
+LEGACY_DEFAULTS = {"var_floor": 1e-4, "likelihood_power": 1.0}
+POSES = ("matrix", "vector")
+ROUTINGS = ("exact", "patch")
+
+
+def _check_known_keys(cls: type, d: dict[str, Any], what: str) -> None:
+    """Raise EmcapsError naming the keys of `d` that are not fields of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise EmcapsError(f"{what} has unknown keys: {', '.join(sorted(unknown))}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network; stored in every checkpoint.
+
+    arch            (A, B, C, D) of Fig. 1: ReLU-conv channels; primary, conv1, conv2 capsule types
+    iters           EM routing iterations (Table 1: 1, 2, 3, 5)
+    pose            "matrix": 4x4 poses and 4x4 W; "vector": 16-vector poses and 16x16 W (Table 1)
+    coord_add       Coordinate Addition in the class-capsule layer (section 4)
+    channels        2: both stereo views as channels (as the authors' released code);
+                    1: the left view only
+    routing         "exact": a child's assignments are normalised over every parent whose receptive
+                    field holds it (section 4); "patch": each K x K patch routed on its own
+    final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
+    var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
+    likelihood_power τ of the E-step: R_ij ∝ a_j p_ij^τ; 1 is Procedure 1, τ < 1 tempers the
+                    assignments (docs/model.md)
+    parametrisation how β_u, β_a and λ enter the routing and are initialised: "paper" or
+                    "released" (the authors' code; capsules/parametrisation.py)
+    """
+
+    model: str = "capsnet"
+    arch: tuple[int, int, int, int] = (32, 32, 32, 32)
+    iters: int = 3
+    pose: str = "matrix"
+    coord_add: bool = True
+    channels: int = 2
+    routing: str = "exact"
+    final_lambda: float = 0.01
+    var_floor: float = 0.1
+    likelihood_power: float = 0.1
+    parametrisation: str = "paper"
+    num_classes: int = 5
+    input_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise EmcapsError(f"--model {self.model}: expected one of {', '.join(MODELS)}")
+        if self.pose not in POSES:
+            raise EmcapsError(f"--pose {self.pose}: expected one of {', '.join(POSES)}")
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise EmcapsError(
+                f"--parametrisation {self.parametrisation}: expected one of "
+                + ", ".join(PARAMETRISATIONS)
+            )
+        if self.routing not in ROUTINGS:
+            raise EmcapsError(f"--routing {self.routing}: expected one of {', '.join(ROUTINGS)}")
+        if len(self.arch) != 4 or any(int(v) < 1 for v in self.arch):
+            raise EmcapsError(f"--arch {self.arch}: expected four positive integers A,B,C,D")
+        if self.iters < 1:
+            raise EmcapsError(f"--iters {self.iters}: need at least one routing iteration")
+        if not (math.isfinite(self.var_floor) and self.var_floor > 0):
+            raise EmcapsError(f"--var-floor {self.var_floor}: expected a positive number")
+        if not (math.isfinite(self.likelihood_power) and self.likelihood_power > 0):
+            raise EmcapsError(
+                f"--likelihood-power {self.likelihood_power}: expected a positive number"
+            )
+        if self.channels not in (1, 2):
+            raise EmcapsError(f"--channels {self.channels}: expected 1 or 2")
+        object.__setattr__(self, "arch", tuple(int(v) for v in self.arch))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["arch"] = list(self.arch)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        _check_known_keys(cls, d, "model config")
+        # Fields added after a config was written take the value those runs used.
+        d = {**LEGACY_DEFAULTS, **d}
+        if "arch" in d:
+            d["arch"] = tuple(d["arch"])
+        return cls(**d)
+
+
+def parse_arch(text: str) -> tuple[int, int, int, int]:
+    """Parse `--arch A,B,C,D` (e.g. "32,32,32,32" or "64,8,16,16")."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise EmcapsError(f"--arch {text!r}: expected four integers A,B,C,D") from None
+    if len(values) != 4 or min(values) < 1:
+        raise EmcapsError(f"--arch {text!r}: expected four positive integers A,B,C,D")
+    return values  # type: ignore[return-value]
+
+
+# Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
+DEFAULT_LR = {"capsnet": 1e-2, "cnn": 3e-4}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored in config.json and every checkpoint.
+
+    loss            None: "spread" for the capsule network, "cross-entropy" for the CNN
+    batch_size      images per optimiser step per process (effective batch = × processes)
+    lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
+                    DEFAULT_LR of the model (docs/training.md)
+    margin_epochs   spread-loss margin reaches 0.9 after this many epochs; None: epochs / 2
+    validation_fraction  share of the (split-filtered) training images held out for best.pt
+    stop_at_error   stop once the familiar-view test error (a fraction) is <= this value
+    limit_train/test  reproducible random subsets (by `seed`) for quick runs
+    augment         random 32x32 crop + brightness/contrast for training (section 5); off:
+                    the centre crop, as for testing
+    augment_warmup  epochs over which the augmentation's ranges grow linearly from none to
+                    full (0: full from the first step)
+    diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
+    """
+
+    data: str = "data/smallnorb.h5"
+    out: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: str | None = None
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float | None = None
+    lr_decay: float = 0.96
+    weight_decay: float = 0.0
+    margin_epochs: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    validation_fraction: float = 0.1
+    split: str = "full"
+    stop_at_error: float | None = None
+    amp: bool = False
+    compile: bool = False
+    limit_train: int | None = None
+    limit_test: int | None = None
+    augment: bool = True
+    augment_warmup: float = 0.0
+    diagnostics: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        checks = (
+            (self.epochs >= 1, f"--epochs {self.epochs}: need at least 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size}: need at least 1"),
+            (
+                self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+                f"--lr {self.lr}: expected a positive number",
+            ),
+            (0 < self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: expected 0 < decay <= 1"),
+            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
+            (
+                math.isfinite(self.augment_warmup) and self.augment_warmup >= 0,
+                f"--augment-warmup {self.augment_warmup}: expected epochs >= 0",
+            ),
+            (
+                0 <= self.validation_fraction < 1,
+                f"--validation-fraction {self.validation_fraction}: expected 0 <= f < 1",
+            ),
+            (self.split in SPLITS, f"--split {self.split}: expected one of {', '.join(SPLITS)}"),
+            (
+                self.loss is None or self.loss in LOSSES,
+                f"--loss {self.loss}: expected one of {', '.join(LOSSES)}",
+            ),
+            (
+                self.stop_at_error is None or 0 <= self.stop_at_error <= 1,
+                f"--stop-at-error {self.stop_at_error}: expected a fraction in [0, 1], "
+                "e.g. 0.037 for 3.7%",
+            ),
+            (
+                self.margin_epochs is None or self.margin_epochs > 0,
+                f"--margin-epochs {self.margin_epochs}: must be > 0",
+            ),
+            (
+                self.limit_train is None or self.limit_train >= 1,
+                f"--limit-train {self.limit_train}: need at least 1",
+            ),
+            (
+                self.limit_test is None or self.limit_test >= 1,
+                f"--limit-test {self.limit_test}: need at least 1",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise EmcapsError(message)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the defaults that depend on other options filled in."""
+        loss = self.loss or ("spread" if self.model.model == "capsnet" else "cross-entropy")
+        margin_epochs = self.margin_epochs if self.margin_epochs is not None else self.epochs / 2
+        lr = self.lr if self.lr is not None else DEFAULT_LR[self.model.model]
+        return dataclasses.replace(self, loss=loss, margin_epochs=margin_epochs, lr=lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        _check_known_keys(cls, d, "train config")
+        return cls(**d)

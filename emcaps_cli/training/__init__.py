@@ -1,0 +1,1 @@
+"""Training: the epoch loop (loop.py) and run directories (rundir.py)."""

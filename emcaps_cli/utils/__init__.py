@@ -1,0 +1,1 @@
+"""Process-level helpers: atomic writes, devices, the allocator, threads, progress reports."""
