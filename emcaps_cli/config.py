@@ -116,8 +116,11 @@ def parse_arch(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
+# What runs written before a TrainConfig field existed used (their config.json lacks it).
+TRAIN_LEGACY_DEFAULTS = {"augment_warmup": 0.0}
+
 # Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
-DEFAULT_LR = {"capsnet": 1e-2, "cnn": 3e-4}
+DEFAULT_LR = {"capsnet": 2e-2, "cnn": 3e-4}
 
 
 @dataclass
@@ -135,7 +138,7 @@ class TrainConfig:
     augment         random 32x32 crop + brightness/contrast for training (section 5); off:
                     the centre crop, as for testing
     augment_warmup  epochs over which the augmentation's ranges grow linearly from none to
-                    full (0: full from the first step)
+                    full (0: full from the first step, as the paper; docs/training.md)
     diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
     """
 
@@ -159,7 +162,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     augment: bool = True
-    augment_warmup: float = 0.0
+    augment_warmup: float = 5.0
     diagnostics: bool = True
 
     def __post_init__(self) -> None:
@@ -224,4 +227,5 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         _check_known_keys(cls, d, "train config")
-        return cls(**d)
+        # Fields added after a config was written take the value those runs used.
+        return cls(**{**TRAIN_LEGACY_DEFAULTS, **d})

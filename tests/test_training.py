@@ -336,8 +336,15 @@ def test_capsule_runs_record_diagnostics_every_epoch(tmp_path: Path) -> None:
 def test_each_model_has_its_own_default_learning_rate() -> None:
     cnn = TrainConfig(model=ModelConfig(model="cnn")).resolved()
     capsnet = TrainConfig(model=ModelConfig(model="capsnet")).resolved()
-    assert (cnn.lr, capsnet.lr) == (3e-4, 1e-2)
+    assert (cnn.lr, capsnet.lr) == (3e-4, 2e-2)
     assert TrainConfig(lr=1e-2).resolved().lr == 1e-2
+
+
+def test_configs_written_before_augmentation_warmup_existed_augment_from_the_first_step() -> None:
+    old = TrainConfig().to_dict()
+    del old["augment_warmup"]
+    assert TrainConfig().augment_warmup == 5.0
+    assert TrainConfig.from_dict(old).augment_warmup == 0.0
 
 
 def test_configs_written_before_the_variance_floor_existed_load_with_its_old_value() -> None:

@@ -177,7 +177,7 @@ def train_command(
         None,
         "--lr",
         help="Adam learning rate of the first epoch.",
-        show_default="1e-2 for capsnet, 3e-4 for cnn",
+        show_default="2e-2 for capsnet, 3e-4 for cnn",
     ),
     lr_decay: float = typer.Option(
         0.96, "--lr-decay", help="Learning rate × this after every epoch (exponential decay)."
@@ -231,11 +231,11 @@ def train_command(
         "contrast (section 5), or the centre crop only.",
     ),
     augment_warmup: float = typer.Option(
-        0.0,
+        5.0,
         "--augment-warmup",
         metavar="EPOCHS",
         help="Epochs over which the augmentation grows linearly from none (centre crop) to the "
-        "full ranges; 0: full from the first step.",
+        "full ranges; 0: full from the first step, as the paper.",
     ),
     diagnostics: bool = typer.Option(
         True,
