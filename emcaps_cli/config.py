@@ -12,14 +12,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from emcaps_cli.defaults import LOSSES, PARAMETRISATIONS, SPLITS
+from emcaps_cli.defaults import (
+    DEFAULT_DATA,
+    LOSSES,
+    MODELS,
+    PARAMETRISATIONS,
+    POSES,
+    ROUTINGS,
+    SPLITS,
+)
 from emcaps_cli.errors import EmcapsError
 
-MODELS = ("capsnet", "cnn")
 # Values of later fields for configs (checkpoints) written before the field existed.
 LEGACY_DEFAULTS = {"var_floor": 1e-4, "likelihood_power": 1.0}
-POSES = ("matrix", "vector")
-ROUTINGS = ("exact", "patch")
 
 
 def _check_known_keys(cls: type, d: dict[str, Any], what: str) -> None:
@@ -142,7 +147,7 @@ class TrainConfig:
     diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
     """
 
-    data: str = "data/smallnorb.h5"
+    data: str = DEFAULT_DATA
     out: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: str | None = None

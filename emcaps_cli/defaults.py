@@ -1,18 +1,91 @@
-"""Defaults and choice names that `--help` shows, in a leaf that imports nothing heavy.
+"""Defaults and choices that `--help` shows, in a leaf that imports nothing heavy.
 
 The command modules read these when their options are defined, so `emcaps --help` and each
 command's `--help` never import torch, numpy or h5py. The library modules that use a value
-import it from here, so each default is written once.
+import it from here, so each default and each set of choices is written once.
+
+Every fixed set of choices is a `Choice` enum (str-valued, so a member equals its value); the
+command line parses options into members and hands the library their `.value`. The tuples
+below (`LOSSES`, `SPLITS`, ...) are the same values for the library's own checks.
 """
 
 from __future__ import annotations
 
+import enum
+
+
+class Choice(str, enum.Enum):
+    """A fixed set of option values: str-valued, printed as the value itself."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Model(Choice):
+    capsnet = "capsnet"  # the capsule network of Fig. 1
+    cnn = "cnn"  # the baseline CNN of section 5
+
+
+class Pose(Choice):
+    matrix = "matrix"  # 4x4 pose matrices, 4x4 transformation matrices W
+    vector = "vector"  # 16-vector poses, 16x16 W
+
+
+class Routing(Choice):
+    exact = "exact"  # a child's assignments normalised over all parents that hold it
+    patch = "patch"  # each K x K patch routed on its own
+
+
+class Parametrisation(Choice):
+    paper = "paper"  # β_u, β_a as in Procedure 1
+    released = "released"  # the authors' released code
+
+
+class Loss(Choice):
+    spread = "spread"
+    margin = "margin"
+    cross_entropy = "cross-entropy"
+
+
+class ViewpointSplit(Choice):
+    """Viewpoint splits of training (section 5.1)."""
+
+    full = "full"
+    azimuth = "azimuth"
+    elevation = "elevation"
+
+
+class Kernels(Choice):
+    """Which code runs the routing's vote-sized work (emcaps_cli/routing/c/ffi.py)."""
+
+    auto = "auto"
+    triton = "triton"
+    c = "c"
+    torch = "torch"
+
+
+class AttackMethod(Choice):
+    fgsm = "fgsm"  # Goodfellow et al. 2014
+    bim = "bim"  # Kurakin et al. 2016
+
+
+def values(choice: type[Choice]) -> tuple[str, ...]:
+    """The values of a Choice enum, in definition order."""
+    return tuple(member.value for member in choice)
+
+
+MODELS = values(Model)
+POSES = values(Pose)
+ROUTINGS = values(Routing)
+PARAMETRISATIONS = values(Parametrisation)
+LOSSES = values(Loss)
+SPLITS = values(ViewpointSplit)
+METHODS = values(AttackMethod)
+
+DEFAULT_DATA = "data/smallnorb.h5"  # the HDF5 cache `emcaps prepare` writes, training reads
 CACHE_IMAGE_SIZE = 48  # side of the downsampled images `emcaps prepare` writes
 ALL_VIEWS = 18 * 9 * 6  # 972 (azimuth, elevation, lighting) combinations per smallNORB instance
 EVAL_BATCH_SIZE = 128  # evaluate and attack batch alike, so ε = 0 reproduces evaluate exactly
-LOSSES = ("spread", "margin", "cross-entropy")
-SPLITS = ("full", "azimuth", "elevation")  # viewpoint splits of training (section 5.1)
-PARAMETRISATIONS = ("paper", "released")
 
 DEFAULT_EPS = tuple(round(0.05 * i, 2) for i in range(11))  # Fig. 3 left: 0 .. 0.5
 DEFAULT_TARGETED_EPS = tuple(round(0.05 * i, 2) for i in range(6))  # Fig. 3 right: 0 .. 0.25
