@@ -10,45 +10,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from emcaps_cli.data.cache import Split, load_split, require_image_size
+from emcaps_cli.data.smallnorb import CATEGORIES
 from emcaps_cli.data.transforms import CROP_SIZE, eval_batch, multicrop_offsets
-from emcaps_cli.data.viewpoints import familiar_mask
+from emcaps_cli.data.viewpoints import azimuth_degrees, elevation_degrees, familiar_mask
 from emcaps_cli.defaults import EVAL_BATCH_SIZE
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.utils.threads import keep_fair
-
-# smallNORB category codes 0..4, in the order of the raw `cat` files.
-CLASS_NAMES = ("animal", "human", "airplane", "truck", "car")
 
 Progress = Callable[[int], None]
 DEFAULT_BATCH_SIZE = EVAL_BATCH_SIZE
 
 
-@dataclass(frozen=True)
-class EvalImages:
-    """N test images: uint8 images (N, 2, 48, 48), labels (N,), info (N, 4)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    info: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_test_images(path: str | os.PathLike, limit: int | None = None) -> EvalImages:
+def load_test_images(path: str | os.PathLike, limit: int | None = None) -> Split:
     """The test images of an HDF5 cache; with `limit`, N evenly spaced ones (indices
     round(linspace(0, total − 1, N))). Files are often sorted by class and viewpoint, so the
     first N would all be one class; evenly spaced ones cover every class and viewpoint, and
     evaluate and attack pick the same images."""
-    from emcaps_cli.data.cache import load_split, require_image_size
-
     if limit is not None and limit < 1:
         raise EmcapsError(f"--limit {limit}: expected a positive number of images")
     split = load_split(path, "test")
@@ -60,7 +44,7 @@ def load_test_images(path: str | os.PathLike, limit: int | None = None) -> EvalI
         rows = np.arange(total)
     else:
         rows = np.linspace(0, total - 1, num=limit).round().astype(np.int64)
-    return EvalImages(
+    return Split(
         images=np.asarray(split.images[rows]),
         labels=np.asarray(split.labels[rows], dtype=np.int64),
         info=np.asarray(split.info[rows], dtype=np.int64),
@@ -149,19 +133,19 @@ def summarize(
     predictions = np.asarray(predictions, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     wrong = predictions != labels
-    k = len(CLASS_NAMES)
+    k = len(CATEGORIES)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
     result: dict[str, Any] = {
         **_rate(wrong.sum(), len(labels)),
         "per_class": [
             {"label": c, "class": name, **_rate(wrong[labels == c].sum(), (labels == c).sum())}
-            for c, name in enumerate(CLASS_NAMES)
+            for c, name in enumerate(CATEGORIES)
         ],
-        "confusion_labels": list(CLASS_NAMES),
+        "confusion_labels": list(CATEGORIES),
         "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
-        "by_azimuth": _by_code(wrong, info[:, 2], "azimuth", lambda code: 10 * code),
-        "by_elevation": _by_code(wrong, info[:, 1], "elevation", lambda code: 30 + 5 * code),
+        "by_azimuth": _by_code(wrong, info[:, 2], "azimuth", azimuth_degrees),
+        "by_elevation": _by_code(wrong, info[:, 1], "elevation", elevation_degrees),
         "split": split,
     }
     if split != "full":
@@ -178,7 +162,7 @@ def checkpoint_split(ckpt: dict[str, Any]) -> str:
 
 def evaluate_model(
     model: nn.Module,
-    data: EvalImages,
+    data: Split,
     split: str = "full",
     batch_size: int = DEFAULT_BATCH_SIZE,
     multicrop: bool = False,

@@ -1,9 +1,11 @@
-"""Figures, drawn with matplotlib's Agg canvas (no display, no global pyplot state)."""
+"""Figures, drawn with matplotlib's Agg canvas (no display, no global pyplot state): learning
+curves and capsule-health diagnostics of a training run, and the attack curves of Fig. 3."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -11,6 +13,23 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from emcaps_cli.utils.atomic import atomic_path
+
+
+def _new_figure(**kwargs: Any) -> Figure:
+    """A Figure on its own Agg canvas."""
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Write `figure` as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+
+
+# ---------------------------------------------------------------------------------------
+# Learning curves
 
 # metrics.jsonl key -> legend label, for the error panel.
 ERROR_CURVES = (
@@ -24,8 +43,7 @@ ERROR_CURVES = (
 
 def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Training loss and error rates (%) per epoch, from metrics.jsonl rows, to a PNG (atomic)."""
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = _new_figure(figsize=(10, 4), layout="constrained")
     loss_ax, error_ax = figure.subplots(1, 2)
     epochs = [m["epoch"] for m in history]
 
@@ -48,10 +66,11 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     if len(epochs) == 1:
         for ax in (loss_ax, error_ax):
             ax.set_xticks(epochs)
+    _save(figure, path)
 
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
 
+# ---------------------------------------------------------------------------------------
+# Capsule-health diagnostics
 
 # Capsule-health diagnostics (metrics.jsonl rows' "diagnostics"), input to output of the network.
 DIAGNOSTIC_LAYERS = ("conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_caps")
@@ -148,8 +167,7 @@ def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | os.PathLike)
     if not rows:
         raise ValueError("no diagnostics to plot")
     colours = _layer_colours(rows)
-    figure = Figure(figsize=(15, 8), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = _new_figure(figsize=(15, 8), layout="constrained")
     axes = figure.subplots(2, 3)  # array of Axes, (2, 3)
 
     _plot_activations(axes[0, 0], rows, colours)
@@ -174,6 +192,56 @@ def plot_diagnostics(history: Sequence[dict[str, Any]], path: str | os.PathLike)
             ax.set_xticks(epochs)
     handles = [Line2D([], [], color=colour, marker="o") for colour in colours.values()]
     figure.legend(handles, list(colours), loc="outside right center", title="layer")
+    _save(figure, path)
 
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+
+# ---------------------------------------------------------------------------------------
+# Attack curves (Fig. 3): accuracy (untargeted) or success rate (targeted) against ε
+
+MODEL_LABELS = {"capsnet": "Capsules", "cnn": "CNN"}
+
+
+def short_name(path: str) -> str:
+    """`runs/cnn/best.pt` -> `cnn/best.pt`: run directory and file, enough to tell runs apart."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def curve_label(result: dict[str, Any]) -> str:
+    """Legend text: model kind and checkpoint, plus the source model for transfer."""
+    kind = MODEL_LABELS.get(result["model"], result["model"])
+    label = f"{kind} ({short_name(result['checkpoint'])})"
+    if result.get("source"):
+        label += f", examples from {short_name(result['source']['checkpoint'])}"
+    return label
+
+
+def plot_attack_curves(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Every attack result's curve against ε, one line per checkpoint, to a PNG (atomic).
+    Returns the path."""
+    first = results[0]
+    targeted = first["targeted"]
+    key = "success_rate" if targeted else "accuracy"
+    figure = _new_figure(figsize=(5.5, 4.0), layout="tight")
+    ax = figure.subplots()
+    for result in results:
+        label = curve_label(result)
+        (line,) = ax.plot(result["eps"], result[key], marker="o", markersize=3, label=label)
+        if targeted:
+            ax.plot(
+                result["eps"],
+                result["success_rate_excluding_true_class"],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{label}, targets ≠ true class",
+            )
+    if not targeted:
+        ax.axhline(0.2, color="grey", linestyle=":", linewidth=1, label="chance (20%)")
+    kind = "targeted" if targeted else "untargeted"
+    ax.set_title(f"{first['method'].upper()} {kind} attack, {first['n']} test images")
+    ax.set_xlabel("ε (standardised-image units)")
+    ax.set_ylabel("success rate" if targeted else "accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(figure, path, dpi=120)
+    return Path(path)

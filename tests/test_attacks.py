@@ -19,9 +19,10 @@ from emcaps_cli.attacks.protocol import (
     run_attack,
 )
 from emcaps_cli.checkpoint import load_model
+from emcaps_cli.data.cache import Split
 from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.evaluation import EvalImages, evaluate_model, load_test_images, predict_scores
+from emcaps_cli.evaluation import evaluate_model, load_test_images, predict_scores
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def files() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def test_images(files: dict[str, Path]) -> EvalImages:
+def test_images(files: dict[str, Path]) -> Split:
     return load_test_images(files["cache"])
 
 
@@ -89,7 +90,7 @@ def test_bim_is_at_least_as_strong_as_fgsm() -> None:
     assert bim_acc <= fgsm_acc
 
 
-def test_eps_zero_accuracy_equals_evaluate(files: dict[str, Path], test_images: EvalImages) -> None:
+def test_eps_zero_accuracy_equals_evaluate(files: dict[str, Path], test_images: Split) -> None:
     model, _ = load_model(files["cnn"])
     expected = evaluate_model(model, test_images, batch_size=16)["accuracy"]
     for method in ("fgsm", "bim"):
@@ -100,7 +101,7 @@ def test_eps_zero_accuracy_equals_evaluate(files: dict[str, Path], test_images: 
 
 
 def test_targeted_eps_zero_success_is_the_share_predicted_as_target(
-    files: dict[str, Path], test_images: EvalImages
+    files: dict[str, Path], test_images: Split
 ) -> None:
     model, _ = load_model(files["cnn"])
     pred = predict_scores(model, test_images.images).argmax(1).numpy()
@@ -115,12 +116,10 @@ def test_targeted_eps_zero_success_is_the_share_predicted_as_target(
     np.testing.assert_allclose(result["success_rate_excluding_true_class"][0], np.mean(others))
 
 
-def test_transfer_uses_the_source_gradients(
-    files: dict[str, Path], test_images: EvalImages
-) -> None:
+def test_transfer_uses_the_source_gradients(files: dict[str, Path], test_images: Split) -> None:
     source, _ = load_model(files["other"])
     victim, _ = load_model(files["cnn"])
-    test_images = EvalImages(
+    test_images = Split(
         *(a[:12] for a in (test_images.images, test_images.labels, test_images.info))
     )
     x = eval_batch(torch.from_numpy(test_images.images), 2)
@@ -144,7 +143,7 @@ def test_gradient_diagnostics_count_exact_zeros() -> None:
     weight[:, : 32 * 32] = 0  # the left view never matters: half the gradient is exactly 0
     model = AttackModel("lin", LinearScores(weight, torch.zeros(5)), "cross-entropy")
     images = np.random.default_rng(0).integers(0, 255, size=(7, 2, 48, 48), dtype=np.uint8)
-    data = EvalImages(images, np.arange(7) % 5, np.zeros((7, 4), dtype=np.int64))
+    data = Split(images, np.arange(7) % 5, np.zeros((7, 4), dtype=np.int64))
     result = run_attack(model, [model], data, AttackSettings(eps=(0.0,)), batch_size=3)[0]
     assert result["gradient"]["zero_fraction"] == 0.5
     x = eval_batch(torch.from_numpy(images), 2)
@@ -153,7 +152,7 @@ def test_gradient_diagnostics_count_exact_zeros() -> None:
 
 
 def test_attack_leaves_the_model_in_eval_mode_without_parameter_grads(
-    files: dict[str, Path], test_images: EvalImages
+    files: dict[str, Path], test_images: Split
 ) -> None:
     model = AttackModel("cnn", load_model(files["cnn"])[0], "cross-entropy")
     run_attack(model, [model], test_images, AttackSettings("bim", eps=(0.1,), steps=2))
@@ -180,10 +179,10 @@ def test_bad_settings_are_one_line_errors() -> None:
 
 
 def test_capsnet_is_attacked_through_its_activations(
-    files: dict[str, Path], test_images: EvalImages, tmp_path: Path
+    files: dict[str, Path], test_images: Split, tmp_path: Path
 ) -> None:
     path = make_checkpoint(tmp_path / "caps.pt", model="capsnet", arch=(8, 4, 4, 4), iters=1)
-    data = EvalImages(*(a[:8] for a in (test_images.images, test_images.labels, test_images.info)))
+    data = Split(*(a[:8] for a in (test_images.images, test_images.labels, test_images.info)))
     model, _ = load_model(path)
     assert model.score_kind == "activation"
     expected = evaluate_model(model, data, batch_size=4)["accuracy"]

@@ -190,13 +190,13 @@ def test_attack_prints_its_table_before_writing_the_plot(
 ) -> None:
     from typer.testing import CliRunner
 
+    from emcaps_cli import plots
     from emcaps_cli.cli import app
-    from emcaps_cli.cli import attack as attack_command
 
     def disk_full(results, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(attack_command, "plot_attack_curves", disk_full)
+    monkeypatch.setattr(plots, "plot_attack_curves", disk_full)
     png = tmp_path / "curves.png"
     args = ["attack", files["cnn"], "--data", files["cache"], "--limit", 5, "--eps", "0,0.1"]
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--plot", png]])
@@ -211,3 +211,29 @@ def test_transfer_report_names_the_source_checkpoint(files: dict[str, Path]) -> 
     result = run_emcaps("attack", files["cnn"], *args)
     assert result.returncode == 0, result.stderr
     assert f"examples made with the gradients of {files['other']}" in result.stderr
+
+
+def test_a_bad_kernels_variable_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from emcaps_cli.cli import app
+    from emcaps_cli.routing.c import ffi
+
+    monkeypatch.setattr(ffi, "_backend", "foo")  # as if EMCAPS_KERNELS=foo
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "none.pt")])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "EMCAPS_KERNELS" in line
+
+
+def test_choices_are_listed_in_help() -> None:
+    text = run_emcaps("train", "--help").stdout
+    for choices in ("capsnet|cnn", "spread|margin|cross-entropy", "auto|triton|c|torch"):
+        assert choices in text
+    assert "fgsm|bim" in run_emcaps("attack", "--help").stdout
+
+
+def test_a_value_outside_the_choices_is_one_error_line() -> None:
+    assert_error_line(run_emcaps("train", "--pose", "tensor"), "--pose", "'tensor'")

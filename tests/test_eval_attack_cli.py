@@ -96,7 +96,7 @@ def test_attack_eps_zero_equals_evaluate(files: dict[str, Path]) -> None:
     evaluated = json.loads(invoke("evaluate", files["cnn"], *common).stdout)
     result = invoke("attack", files["cnn"], *common, "--eps", "0,0.2")
     assert result.exit_code == 0, result.stderr
-    out = json.loads(result.stdout)
+    (out,) = json.loads(result.stdout)  # a list, even for one checkpoint
     assert out["method"] == "fgsm" and out["targeted"] is False and out["eps"] == [0.0, 0.2]
     assert out["accuracy"][0] == evaluated["accuracy"]
     assert 0 <= out["gradient"]["zero_fraction"] <= 1 and out["gradient"]["mean_abs"] > 0
@@ -126,7 +126,7 @@ def test_attack_several_checkpoints_targeted_bim_with_plot(
         png,
     )
     assert result.exit_code == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = json.loads(result.stdout)  # one object per checkpoint, in the order given
     assert isinstance(out, list) and [r["checkpoint"] for r in out] == [
         str(files["cnn"]),
         str(files["other"]),
@@ -153,7 +153,7 @@ def test_attack_transfer_from_source(files: dict[str, Path]) -> None:
         "--json",
     )
     assert result.exit_code == 0, result.stderr
-    out = json.loads(result.stdout)
+    (out,) = json.loads(result.stdout)
     assert out["source"]["checkpoint"] == str(files["other"])
     assert "gradient" in out["source"]
 

@@ -15,25 +15,30 @@ def test_importing_emcaps_turns_on_huge_pages_unless_the_user_chose():
     assert out.stdout.strip() == "0", out.stderr
 
 
-def test_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
-    import platform
-
-    from emcaps_cli.utils.allocator import keep_freed_memory
-
-    if platform.libc_ver()[0] == "glibc":
-        assert keep_freed_memory() is True
-    monkeypatch.setenv("EMCAPS_KEEP_FREED_MEMORY", "0")
-    assert keep_freed_memory() is False
+def test_allocator_tuning_applies_on_glibc_and_can_be_turned_off():
+    # In a child process: mallopt settings last as long as the process, and the tests that
+    # follow should run on the allocator they started with.
+    code = (
+        "import platform\n"
+        "from emcaps_cli.utils.allocator import keep_freed_memory\n"
+        "print(platform.libc_ver()[0] == 'glibc', keep_freed_memory())\n"
+    )
+    for setting, applies in (("1", True), ("0", False)):
+        env = {**os.environ, "EMCAPS_KEEP_FREED_MEMORY": setting}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        glibc, applied = out.stdout.split()
+        assert applied == str(applies and glibc == "True"), out.stderr
 
 
 def test_the_emcaps_command_tunes_the_allocator(monkeypatch):
     import pytest
 
-    import emcaps_cli.cli as cli
+    from emcaps_cli.cli import main as cli_main
 
     called = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: called.append(True))
+    module = sys.modules[cli_main.__module__]  # emcaps_cli.cli.main, the module
+    monkeypatch.setattr(module, "keep_freed_memory", lambda: called.append(True))
     monkeypatch.setattr(sys, "argv", ["emcaps", "--help"])
     with pytest.raises(SystemExit):
-        cli.main()
+        cli_main()
     assert called == [True]

@@ -11,5 +11,5 @@ model sees. Nothing is clipped: a standardised image has no fixed pixel range.
 The attacked loss is summed over the images of a batch, so an image's gradient does not depend on
 the batch size; the spread loss uses its final margin 0.9.
 
-methods.py: FGSM and BIM; protocol.py: settings and runs; plots.py: the figure.
+methods.py: FGSM and BIM; protocol.py: settings and runs; the figure: emcaps_cli/plots.py.
 """

@@ -63,6 +63,11 @@ def fgsm(
     return x.detach() + _signed_step(grad, eps, targeted)
 
 
+def bim_step_size(eps: float, steps: int, step_size: float | None = None) -> float:
+    """BIM's step size α: `step_size` when given, else STEP_SIZE_FACTOR ε / steps."""
+    return STEP_SIZE_FACTOR * eps / steps if step_size is None else step_size
+
+
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """The nearest point of the L∞ ball of radius ε around x."""
     return x + (x_adv - x).clamp(-eps, eps)
@@ -79,10 +84,10 @@ def bim(
     targeted: bool = False,
 ) -> torch.Tensor:
     """BIM (Kurakin et al. 2016): `steps` sign steps of size α, each projected onto the L∞
-    ε-ball around x. α defaults to STEP_SIZE_FACTOR ε / steps. Shapes as in `fgsm`."""
+    ε-ball around x. α defaults to `bim_step_size`. Shapes as in `fgsm`."""
     if eps == 0:
         return x
-    alpha = STEP_SIZE_FACTOR * eps / steps if step_size is None else step_size
+    alpha = bim_step_size(eps, steps, step_size)
     x = x.detach()
     x_adv = x
     for _ in range(steps):

@@ -14,32 +14,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from emcaps_cli.attacks.methods import LossFn, bim, fgsm, image_loss, input_gradient
+from emcaps_cli.attacks.methods import (
+    LossFn,
+    bim,
+    bim_step_size,
+    fgsm,
+    image_loss,
+    input_gradient,
+)
 from emcaps_cli.checkpoint import load_model
+from emcaps_cli.data.cache import Split
 from emcaps_cli.data.transforms import eval_batch
-from emcaps_cli.defaults import (  # noqa: F401 (re-exported)
-    DEFAULT_EPS,
-    DEFAULT_STEPS,
-    DEFAULT_TARGETED_EPS,
-    STEP_SIZE_FACTOR,
-)
+from emcaps_cli.defaults import DEFAULT_EPS, DEFAULT_STEPS, METHODS
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.evaluation import (
-    DEFAULT_BATCH_SIZE,
-    EvalImages,
-    Progress,
-    batch_slices,
-    class_scores,
-)
+from emcaps_cli.evaluation import DEFAULT_BATCH_SIZE, Progress, batch_slices, class_scores
 from emcaps_cli.losses import get_loss
 from emcaps_cli.utils.threads import keep_fair
-
-METHODS = ("fgsm", "bim")
 
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """What to run. `step_size` None means STEP_SIZE_FACTOR * ε / steps (BIM only)."""
+    """What to run. `step_size` None means the rule of `methods.bim_step_size` (BIM only)."""
 
     method: str = "fgsm"
     targeted: bool = False
@@ -59,9 +54,7 @@ class AttackSettings:
         object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
 
     def bim_step_size(self, eps: float) -> float:
-        if self.step_size is not None:
-            return self.step_size
-        return STEP_SIZE_FACTOR * eps / self.steps
+        return bim_step_size(eps, self.steps, self.step_size)
 
 
 def parse_eps(text: str) -> tuple[float, ...]:
@@ -165,10 +158,114 @@ def _make_examples(
     )
 
 
+def _check_same_input(attacker: AttackModel, victims: Sequence[AttackModel]) -> None:
+    for victim in victims:
+        if victim.channels != attacker.channels:
+            raise EmcapsError(
+                f"{victim.name}: takes {victim.channels} input channel(s) but the source "
+                f"{attacker.name} takes {attacker.channels}; transfer needs the same input"
+            )
+
+
+class _Tally:
+    """Counts over the batches of one `run_attack`, for V victims, E ε values, T targets
+    (T = 1, no target, when untargeted)."""
+
+    def __init__(self, models: Sequence[AttackModel], victims: int, n_eps: int, targets: int):
+        # hits[v, e, t]: images victim v classifies as the attack's goal (true class untargeted)
+        self.hits = np.zeros((victims, n_eps, targets), dtype=np.int64)
+        self.hits_other = np.zeros_like(self.hits)  # ... counting only true class != t
+        self.others = np.zeros(targets, dtype=np.int64)  # images whose true class is not t
+        self.gradients = {id(m): GradientStats() for m in models}
+
+
+def _attack_batch(
+    attacker: AttackModel,
+    victims: Sequence[AttackModel],
+    settings: AttackSettings,
+    targets: list[int | None],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tally: _Tally,
+    progress: Progress | None,
+) -> None:
+    """Attack one batch of standardised crops x (B, C, 32, 32), labels y (B,), for every
+    target and ε, and add what each victim predicts to `tally`."""
+    clean_grad = {}
+    for m in [attacker, *victims]:
+        if id(m) not in clean_grad:
+            clean_grad[id(m)] = input_gradient(m.model, x, y, m.loss)
+            tally.gradients[id(m)].add(clean_grad[id(m)])
+    clean_pred = {}
+    for ti, t in enumerate(targets):
+        goal = y if t is None else torch.full_like(y, t)
+        tally.others[ti] += int((y != goal).sum())
+        # FGSM's gradient does not depend on ε: one backward pass per target and batch.
+        grad = clean_grad[id(attacker)] if t is None else None
+        if settings.method == "fgsm" and grad is None and any(settings.eps):
+            grad = input_gradient(attacker.model, x, goal, attacker.loss)
+        for ei, eps in enumerate(settings.eps):
+            x_adv = _make_examples(attacker, settings, x, goal, eps, grad) if eps else x
+            for vi, victim in enumerate(victims):
+                if eps == 0 and vi in clean_pred:
+                    pred = clean_pred[vi]
+                else:
+                    pred = class_scores(victim.model, x_adv).argmax(dim=1)
+                    if eps == 0:
+                        clean_pred[vi] = pred
+                hit = pred == goal
+                tally.hits[vi, ei, ti] += int(hit.sum())
+                tally.hits_other[vi, ei, ti] += int((hit & (y != goal)).sum())
+            if progress is not None:
+                progress(len(y))
+
+
+def _victim_result(
+    vi: int,
+    victim: AttackModel,
+    attacker: AttackModel,
+    settings: AttackSettings,
+    tally: _Tally,
+    n: int,
+) -> dict[str, Any]:
+    """The result of victim `vi` (fields in docs/attacks.md)."""
+    result: dict[str, Any] = {
+        "checkpoint": victim.name,
+        "model": victim.kind,
+        "score_kind": getattr(victim.model, "score_kind", None),
+        "method": settings.method,
+        "targeted": settings.targeted,
+        "eps": list(settings.eps),
+        "n": n,
+        "loss": attacker.loss_name,
+        "source": None,
+    }
+    if settings.method == "bim":
+        result["steps"] = settings.steps
+        result["step_size"] = [settings.bim_step_size(e) for e in settings.eps]
+    if settings.targeted:
+        by_target = tally.hits[vi] / n  # (E, T)
+        by_target_other = tally.hits_other[vi] / np.maximum(tally.others, 1)  # (E, T)
+        result["success_rate"] = by_target.mean(axis=1).tolist()
+        result["success_rate_excluding_true_class"] = by_target_other.mean(axis=1).tolist()
+        result["success_rate_by_target"] = by_target.tolist()
+    else:
+        result["accuracy"] = (tally.hits[vi, :, 0] / n).tolist()
+    result["gradient"] = tally.gradients[id(victim)].to_dict()
+    if victim is not attacker:
+        result["source"] = {
+            "checkpoint": attacker.name,
+            "model": attacker.kind,
+            "loss": attacker.loss_name,
+            "gradient": tally.gradients[id(attacker)].to_dict(),
+        }
+    return result
+
+
 def run_attack(
     attacker: AttackModel,
     victims: Sequence[AttackModel],
-    data: EvalImages,
+    data: Split,
     settings: AttackSettings,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
@@ -178,88 +275,22 @@ def run_attack(
     White-box: victims == [attacker]. Black-box transfer: the attacker is the source model.
     Returns one result dict per victim (see docs/attacks.md for the fields).
     """
-    for victim in victims:
-        if victim.channels != attacker.channels:
-            raise EmcapsError(
-                f"{victim.name}: takes {victim.channels} input channel(s) but the source "
-                f"{attacker.name} takes {attacker.channels}; transfer needs the same input"
-            )
+    _check_same_input(attacker, victims)
     device = next(attacker.model.parameters()).device
     num_classes = int(attacker.model.config.num_classes)
     targets = list(range(num_classes)) if settings.targeted else [None]
-    n_eps = len(settings.eps)
-    # hits[v, e, t]: images victim v classifies as the attack's goal (true class when untargeted)
-    hits = np.zeros((len(victims), n_eps, len(targets)), dtype=np.int64)
-    hits_other = np.zeros_like(hits)  # ... counting only images whose true class is not t
-    others = np.zeros(len(targets), dtype=np.int64)  # images whose true class is not t
-    gradients = {id(m): GradientStats() for m in [attacker, *victims]}
+    tally = _Tally([attacker, *victims], len(victims), len(settings.eps), len(targets))
     start = time.perf_counter()
     for sl in batch_slices(len(data), batch_size):
         if device.type == "cpu":
             keep_fair()  # threads sized to the CPUs other processes leave free
         x = eval_batch(torch.from_numpy(data.images[sl]).to(device), attacker.channels)
         y = torch.from_numpy(data.labels[sl]).to(device)
-        clean_grad = {}
-        for m in [attacker, *victims]:
-            if id(m) not in clean_grad:
-                clean_grad[id(m)] = input_gradient(m.model, x, y, m.loss)
-                gradients[id(m)].add(clean_grad[id(m)])
-        clean_pred = {}
-        for ti, t in enumerate(targets):
-            goal = y if t is None else torch.full_like(y, t)
-            others[ti] += int((y != goal).sum())
-            # FGSM's gradient does not depend on ε: one backward pass per target and batch.
-            grad = clean_grad[id(attacker)] if t is None else None
-            if settings.method == "fgsm" and grad is None and any(settings.eps):
-                grad = input_gradient(attacker.model, x, goal, attacker.loss)
-            for ei, eps in enumerate(settings.eps):
-                x_adv = _make_examples(attacker, settings, x, goal, eps, grad) if eps else x
-                for vi, victim in enumerate(victims):
-                    if eps == 0 and vi in clean_pred:
-                        pred = clean_pred[vi]
-                    else:
-                        pred = class_scores(victim.model, x_adv).argmax(dim=1)
-                        if eps == 0:
-                            clean_pred[vi] = pred
-                    hit = pred == goal
-                    hits[vi, ei, ti] += int(hit.sum())
-                    hits_other[vi, ei, ti] += int((hit & (y != goal)).sum())
-                if progress is not None:
-                    progress(len(y))
+        _attack_batch(attacker, victims, settings, targets, x, y, tally, progress)
     seconds = time.perf_counter() - start
-    n = len(data)
     results = []
     for vi, victim in enumerate(victims):
-        result: dict[str, Any] = {
-            "checkpoint": victim.name,
-            "model": victim.kind,
-            "score_kind": getattr(victim.model, "score_kind", None),
-            "method": settings.method,
-            "targeted": settings.targeted,
-            "eps": list(settings.eps),
-            "n": n,
-            "loss": attacker.loss_name,
-            "source": None,
-        }
-        if settings.method == "bim":
-            result["steps"] = settings.steps
-            result["step_size"] = [settings.bim_step_size(e) for e in settings.eps]
-        if settings.targeted:
-            by_target = hits[vi] / n  # (E, T)
-            by_target_other = hits_other[vi] / np.maximum(others, 1)  # (E, T)
-            result["success_rate"] = by_target.mean(axis=1).tolist()
-            result["success_rate_excluding_true_class"] = by_target_other.mean(axis=1).tolist()
-            result["success_rate_by_target"] = by_target.tolist()
-        else:
-            result["accuracy"] = (hits[vi, :, 0] / n).tolist()
-        result["gradient"] = gradients[id(victim)].to_dict()
-        if victim is not attacker:
-            result["source"] = {
-                "checkpoint": attacker.name,
-                "model": attacker.kind,
-                "loss": attacker.loss_name,
-                "gradient": gradients[id(attacker)].to_dict(),
-            }
+        result = _victim_result(vi, victim, attacker, settings, tally, len(data))
         result["seconds"] = seconds
         results.append(result)
     return results
@@ -267,7 +298,7 @@ def run_attack(
 
 def attack_checkpoints(
     paths: Sequence[str | os.PathLike],
-    data: EvalImages,
+    data: Split,
     settings: AttackSettings,
     source: str | os.PathLike | None = None,
     loss_name: str | None = None,

@@ -1,63 +1,10 @@
 """The `emcaps` command line: a thin Typer layer, one module per command.
 
-Each command module defines `register(app)`; the library does the work. Command modules import
-torch and the library inside the command functions, so `--help` stays fast.
+main.py assembles the commands into `app` and holds `main()`, the console-script entry point
+(also `python -m emcaps_cli`). Each command module imports torch and the library inside its
+command function, so `--help` stays fast.
 """
 
-from __future__ import annotations
+from emcaps_cli.cli.main import COMMANDS, app, main
 
-import importlib
-import sys
-from collections.abc import Sequence
-from typing import Any
-
-import typer
-from typer.core import TyperGroup
-
-from emcaps_cli.cli._common import INTERRUPTED, click_exceptions, usage_message
-from emcaps_cli.utils.allocator import keep_freed_memory
-
-
-class OneLineErrors(TyperGroup):
-    """Usage errors (a bad option value, an unknown option) as one `error: ...` line, exit 2."""
-
-    def main(self, args: Sequence[str] | None = None, *a: Any, **kw: Any) -> Any:
-        standalone = kw.pop("standalone_mode", True)
-        argv = list(sys.argv[1:] if args is None else args)
-        try:
-            code = super().main(argv, *a, standalone_mode=False, **kw)
-        except click_exceptions.NoArgsIsHelpError as exc:
-            typer.echo(exc.format_message())
-            code = 0
-        except click_exceptions.UsageError as exc:
-            typer.echo(f"error: {usage_message(exc, argv)}", err=True)
-            code = 2
-        except (KeyboardInterrupt, typer.Abort):
-            typer.echo(INTERRUPTED, err=True)
-            code = 130
-        if not standalone:
-            return code
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-app = typer.Typer(
-    name="emcaps",
-    cls=OneLineErrors,
-    help="Matrix capsules with EM routing (Hinton, Sabour, Frosst, ICLR 2018) on smallNORB.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain help: boolean flags read as flags, not `<bool>` options
-    context_settings={"max_content_width": 200},  # help as wide as the terminal
-)
-
-# One module per command, in the order `emcaps --help` lists them.
-COMMANDS = ("prepare", "synth", "summary", "train", "evaluate", "attack")
-
-for _name in COMMANDS:
-    importlib.import_module(f"emcaps_cli.cli.{_name}").register(app)
-
-
-def main() -> None:
-    keep_freed_memory()  # faster routing on CPU; see emcaps_cli/utils/allocator.py
-    app(prog_name="emcaps")  # also under `python -m emcaps_cli`
+__all__ = ["COMMANDS", "app", "main"]

@@ -1,16 +1,31 @@
-"""Helpers shared by the command modules: one-line errors, stderr console, JSON on stdout."""
+"""Helpers shared by the command modules: one-line errors, the stderr console and its progress
+bars, JSON on stdout, and the options several commands take."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
+from emcaps_cli.defaults import DEFAULT_DATA, Kernels
 from emcaps_cli.errors import EmcapsError
 
 try:  # recent Typer vendors click
@@ -90,6 +105,65 @@ def print_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
+def json_option(help: str = "Print the result as JSON on stdout.") -> Any:
+    """`--json`, the one flag every command uses for machine-readable output (`json_out`)."""
+    return typer.Option(False, "--json", help=help)
+
+
+def data_option() -> Any:
+    return typer.Option(Path(DEFAULT_DATA), "--data", help="HDF5 cache from `emcaps prepare`.")
+
+
+def device_option() -> Any:
+    return typer.Option("auto", "--device", help="auto | cpu | cuda[:N].")
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+class _StatusColumn(ProgressColumn):
+    """A task's `status` field (loss, speed), empty for tasks that have none."""
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("status", "")))
+
+
+def progress_display() -> Progress:
+    """The one progress display of every command: description, bar, done/total, status, time
+    remaining; on stderr, removed when it stops."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _StatusColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+class Bar:
+    """One bar of a progress display: `advance(k)` after k more units, `restart(total, text)`
+    for the next stage of the work."""
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self._progress, self._task = progress, task
+
+    def advance(self, k: int) -> None:
+        self._progress.advance(self._task, k)
+
+    def restart(self, total: int | None, description: str | None = None) -> None:
+        self._progress.reset(self._task, total=total, description=description)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator[Bar]:
+    """A transient progress bar on stderr for the duration of the block."""
+    with progress_display() as progress:
+        yield Bar(progress, progress.add_task(description, total=total))
+
+
 KERNELS_HELP = (
     "Routing kernels: auto (Triton kernels on CUDA; on the CPU the C kernels, built once with "
     "the system C compiler; PyTorch ops with a warning when either is unavailable), triton "
@@ -102,21 +176,21 @@ def kernels_option() -> Any:
     return typer.Option(None, "--kernels", help=KERNELS_HELP, show_default=False)
 
 
-def use_kernels(choice: str | None) -> None:
+def use_kernels(choice: Kernels | None) -> None:
     """Apply --kernels (or check $EMCAPS_KERNELS): a bad value is a one-line error."""
     from emcaps_cli.routing.c import ffi
 
     try:
         if choice is not None:
-            ffi.set_backend(choice)
+            ffi.set_backend(choice.value)
         if ffi.backend() == "c":
             ffi.library()  # build now: a failure is an error before any work starts
         if ffi.backend() == "triton":
             _import_triton()
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--kernels") from None
     except ffi.KernelsUnavailable as exc:
         raise EmcapsError(f"--kernels {ffi.backend()}: {exc}") from None
+    except ValueError as exc:  # $EMCAPS_KERNELS names no backend
+        raise EmcapsError(str(exc)) from None
 
 
 def _import_triton() -> None:

@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from emcaps_cli.cli._common import (
     console,
+    data_option,
+    device_option,
     friendly_errors,
+    json_option,
     kernels_option,
     print_json,
+    progress_bar,
     use_kernels,
 )
-from emcaps_cli.defaults import EVAL_BATCH_SIZE
-
-DEFAULT_DATA = Path("data/smallnorb.h5")
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, description: str) -> Iterator[Any]:
-    """A transient progress bar on stderr; yields `advance(k)`."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda k: progress.advance(task, k)
+from emcaps_cli.defaults import EVAL_BATCH_SIZE, Kernels
 
 
 def _percent(value: float | None) -> str:
@@ -52,7 +37,7 @@ def _rate_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
 
 def print_report(result: dict[str, Any]) -> None:
     """Human-readable tables of an evaluation result, on stderr."""
-    from emcaps_cli.evaluation import CLASS_NAMES
+    from emcaps_cli.data.smallnorb import CATEGORIES
 
     crops = f"{result['crops']} crops" if result["multicrop"] else "centre crop"
     console.print(
@@ -62,9 +47,9 @@ def print_report(result: dict[str, Any]) -> None:
     console.print(_rate_table("Per class", "class", result["per_class"]))
     confusion = Table(title="Confusion (rows: true, columns: predicted)")
     confusion.add_column("")
-    for name in CLASS_NAMES:
+    for name in CATEGORIES:
         confusion.add_column(name, justify="right")
-    for name, row in zip(CLASS_NAMES, result["confusion"], strict=True):
+    for name, row in zip(CATEGORIES, result["confusion"], strict=True):
         confusion.add_row(name, *(str(v) for v in row))
     console.print(confusion)
     console.print(_rate_table("By azimuth (degrees)", "azimuth", result["by_azimuth"]))
@@ -81,20 +66,20 @@ def evaluate(
         metavar="CKPT",
         help="Checkpoint written by `emcaps train`, or its run directory (uses best.pt).",
     ),
-    data: Path = typer.Option(DEFAULT_DATA, "--data", help="HDF5 cache from `emcaps prepare`."),
+    data: Path = data_option(),
     multicrop: bool = typer.Option(
         False,
         "--multicrop",
         help="Average class activations over the centre and 4 diagonal crops (the CNN averages "
         "softmax probabilities). Default: the centre crop only.",
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    json_out: bool = json_option(),
     batch_size: int = typer.Option(EVAL_BATCH_SIZE, "--batch-size", help="Images per batch."),
     limit: int | None = typer.Option(
         None, "--limit", help="Evaluate N evenly spaced test images (all classes and viewpoints)."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    kernels: str | None = kernels_option(),
+    device: str = device_option(),
+    kernels: Kernels | None = kernels_option(),
 ) -> None:
     """Test error of a checkpoint: overall, per class, confusion matrix, by azimuth and
     elevation, and familiar vs novel viewpoints for a checkpoint trained on a viewpoint split."""
@@ -106,9 +91,9 @@ def evaluate(
     torch_device = resolve_device(device)
     model, ckpt = load_model(checkpoint, torch_device)
     test = load_test_images(data, limit)
-    with progress_bar(len(test), f"evaluating {checkpoint.name}") as advance:
+    with progress_bar(f"evaluating {checkpoint.name}", len(test)) as bar:
         result = evaluate_model(
-            model, test, checkpoint_split(ckpt), batch_size, multicrop, progress=advance
+            model, test, checkpoint_split(ckpt), batch_size, multicrop, progress=bar.advance
         )
     result = {
         "checkpoint": str(checkpoint),
@@ -120,7 +105,3 @@ def evaluate(
         print_json(result)
     else:
         print_report(result)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("evaluate")(evaluate)

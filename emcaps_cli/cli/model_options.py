@@ -1,4 +1,7 @@
-"""The model options shared by `train` and `summary`: one definition, one help text."""
+"""The model options shared by `train` and `summary`: one definition, one help text.
+
+Defaults are ModelConfig's (emcaps_cli/config.py), so the command line and the library agree.
+"""
 
 from __future__ import annotations
 
@@ -7,55 +10,58 @@ from typing import Any
 import typer
 
 from emcaps_cli.config import ModelConfig, parse_arch
+from emcaps_cli.defaults import Model, Parametrisation, Pose, Routing
 
-MODEL = typer.Option("capsnet", "--model", help="capsnet (Fig. 1) | cnn (section 5 baseline).")
+DEFAULT = ModelConfig()
+
+MODEL = typer.Option(
+    Model(DEFAULT.model), "--model", help="capsnet (Fig. 1) | cnn (section 5 baseline)."
+)
 ARCH = typer.Option(
-    "32,32,32,32",
+    ",".join(str(v) for v in DEFAULT.arch),
     "--arch",
     metavar="A,B,C,D",
     help="Fig. 1 sizes: ReLU-conv channels A; primary, conv-caps-1, conv-caps-2 types B, C, D.",
 )
-ITERS = typer.Option(3, "--iters", help="EM routing iterations.")
+ITERS = typer.Option(DEFAULT.iters, "--iters", help="EM routing iterations.")
 POSE = typer.Option(
-    "matrix", "--pose", help="matrix (4x4 pose, 4x4 W) | vector (16-vector pose, 16x16 W)."
+    Pose(DEFAULT.pose),
+    "--pose",
+    help="matrix (4x4 pose, 4x4 W) | vector (16-vector pose, 16x16 W).",
 )
 COORD_ADD = typer.Option(
-    True, "--coord-add/--no-coord-add", help="Coordinate Addition in the class capsules."
+    DEFAULT.coord_add,
+    "--coord-add/--no-coord-add",
+    help="Coordinate Addition in the class capsules.",
 )
-CHANNELS = typer.Option(2, "--channels", help="2: both stereo views as channels; 1: left view.")
+CHANNELS = typer.Option(
+    DEFAULT.channels, "--channels", help="2: both stereo views as channels; 1: left view."
+)
 ROUTING = typer.Option(
-    "exact",
+    Routing(DEFAULT.routing),
     "--routing",
     help="exact (a child's assignments normalised over all parents whose receptive field "
     "holds it, section 4) | patch (each K×K patch routed alone).",
 )
-_DEFAULT = ModelConfig()
-
 FINAL_LAMBDA = typer.Option(
-    _DEFAULT.final_lambda,
+    DEFAULT.final_lambda,
     "--final-lambda",
     help="λ_max of the inverse-temperature schedule λ_t = λ_max(1−0.95^(t+1)).",
 )
-
-
 VAR_FLOOR = typer.Option(
-    _DEFAULT.var_floor,
+    DEFAULT.var_floor,
     "--var-floor",
     help="Added to every σ² in EM routing's M-step, in squared pose units: a larger floor "
     "keeps the first E-steps soft (docs/model.md).",
 )
-
-
 LIKELIHOOD_POWER = typer.Option(
-    _DEFAULT.likelihood_power,
+    DEFAULT.likelihood_power,
     "--likelihood-power",
     help="τ of EM routing's E-step, R ∝ a·p^τ: 1 is Procedure 1; below 1 the assignments stay "
     "softer, which lets 3 iterations train (docs/model.md).",
 )
-
-
 PARAMETRISATION = typer.Option(
-    _DEFAULT.parametrisation,
+    Parametrisation(DEFAULT.parametrisation),
     "--parametrisation",
     help="paper (β_u, β_a as Procedure 1, initialised to 0) | released (the authors' released "
     "code: β_a = −2500·a_b, β_u = 1.42·s_b, λ ×2, class layer λ/4, their initial values; "
@@ -64,24 +70,28 @@ PARAMETRISATION = typer.Option(
 
 
 def model_config(
-    model: str,
+    model: Model | str,
     arch: str,
     iters: int,
-    pose: str,
+    pose: Pose | str,
     coord_add: bool,
     channels: int,
-    routing: str,
+    routing: Routing | str,
     final_lambda: float,
+    parametrisation: Parametrisation | str | None = None,
     **routing_options: Any,
 ) -> ModelConfig:
+    """The ModelConfig of the options' values; a choice may be its member or its value."""
+    if parametrisation is not None:
+        routing_options["parametrisation"] = Parametrisation(parametrisation).value
     return ModelConfig(
         **routing_options,
-        model=model,
+        model=Model(model).value,
         arch=parse_arch(arch),
         iters=iters,
-        pose=pose,
+        pose=Pose(pose).value,
         coord_add=coord_add,
         channels=channels,
-        routing=routing,
+        routing=Routing(routing).value,
         final_lambda=final_lambda,
     )

@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from emcaps_cli.cli._common import console, friendly_errors
+from emcaps_cli.cli._common import console, friendly_errors, progress_bar
 from emcaps_cli.defaults import ALL_VIEWS
 
 
@@ -30,20 +29,14 @@ def synth(
     from emcaps_cli.data.synth import write_synthetic
 
     start = time.perf_counter()
-    columns = (TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("render", total=None)
+    with progress_bar("rendering") as bar:
         written = write_synthetic(
             out_dir,
             views=views,
             seed=seed,
             gzipped=gzip,
             workers=workers,
-            on_start=lambda total: progress.update(task, total=total),
-            on_progress=lambda k: progress.advance(task, k),
+            on_start=bar.restart,
+            on_progress=bar.advance,
         )
     console.print(f"wrote {len(written)} files to {out_dir} in {time.perf_counter() - start:.1f} s")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("synth")(synth)

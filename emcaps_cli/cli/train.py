@@ -7,22 +7,29 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import Progress, TaskID
 
 from emcaps_cli.cli import model_options as opts
 from emcaps_cli.cli._common import (
     console,
+    data_option,
     friendly_errors,
+    json_option,
     kernels_option,
     print_json,
+    progress_display,
     use_kernels,
+)
+from emcaps_cli.config import DEFAULT_LR, TrainConfig
+from emcaps_cli.defaults import (
+    Choice,
+    Kernels,
+    Loss,
+    Model,
+    Parametrisation,
+    Pose,
+    Routing,
+    ViewpointSplit,
 )
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.utils.reporter import Reporter
@@ -73,15 +80,7 @@ class RichReporter(Reporter):
             + (f" (from epoch {resumed[0] + 1}, step {resumed[1]})" if resumed else "")
         )
         if self.bars:
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            )
+            self.progress = progress_display()
             self.progress.start()
             epochs = info["config"]["epochs"]
             done = resumed[0] if resumed else 0
@@ -122,175 +121,219 @@ class RichReporter(Reporter):
             self.progress = None
 
 
-def _typed_options(ctx: typer.Context) -> dict[str, Any]:
+# Options that are not TrainConfig fields, and the fields whose option is named differently.
+NOT_CONFIG = {"resume", "json_out", "kernels"}
+RENAMED = {"compile_model": "compile"}
+MODEL_OPTIONS = (
+    "model",
+    "arch",
+    "iters",
+    "pose",
+    "coord_add",
+    "channels",
+    "routing",
+    "final_lambda",
+    "var_floor",
+    "likelihood_power",
+    "parametrisation",
+)
+
+
+def _config_value(name: str, value: Any) -> Any:
+    """An option's value as TrainConfig stores it: choices as their values, paths as text."""
+    if isinstance(value, Choice):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if name == "arch":
+        return opts.parse_arch(value)
+    return value
+
+
+def new_config(params: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of a fresh run from the command's parameters."""
+    values = {k: v for k, v in params.items() if k not in NOT_CONFIG}
+    model = opts.model_config(**{name: values.pop(name) for name in MODEL_OPTIONS})
+    fields = {RENAMED.get(k, k): _config_value(k, v) for k, v in values.items()}
+    return TrainConfig(model=model, **fields)
+
+
+def typed_options(ctx: typer.Context) -> dict[str, Any]:
     """The options typed on the command line, by training-option name, as values to compare
     with a stored run (source by enum name: Typer may vendor click)."""
     typed = {
         name
         for name in ctx.params
         if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
-    } - {"resume", "json_out", "out", "kernels"}
-    renamed = {"compile_model": "compile"}
-    values = {renamed.get(n, n): ctx.params[n] for n in typed}
-    if "arch" in values:
-        values["arch"] = opts.parse_arch(values["arch"])
-    if "data" in values:
-        values["data"] = str(values["data"])
-    return values
+    } - NOT_CONFIG
+    typed.discard("out")
+    return {RENAMED.get(n, n): _config_value(n, ctx.params[n]) for n in typed}
+
+
+def _lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")  # 0.01 -> 1e-2
+
+
+DEFAULT = TrainConfig()
+LR_DEFAULTS = ", ".join(f"{_lr_text(lr)} for {model}" for model, lr in DEFAULT_LR.items())
+
+OUT = typer.Option(
+    None,
+    "--out",
+    metavar="RUN_DIR",
+    help="Run directory (config.json, metrics.jsonl, last.pt, best.pt, curves.png).",
+    show_default="runs/YYYYmmdd-HHMMSS",
+)
+LOSS = typer.Option(
+    None,
+    "--loss",
+    help="Training loss (section 3: spread; or margin, cross-entropy).",
+    show_default="spread for capsnet, cross-entropy for cnn",
+)
+EPOCHS = typer.Option(
+    DEFAULT.epochs, "--epochs", help="Total epochs (passes over the training set)."
+)
+BATCH_SIZE = typer.Option(
+    DEFAULT.batch_size,
+    "--batch-size",
+    help="Images per step per process (effective batch × processes).",
+)
+LR = typer.Option(
+    DEFAULT.lr, "--lr", help="Adam learning rate of the first epoch.", show_default=LR_DEFAULTS
+)
+LR_DECAY = typer.Option(
+    DEFAULT.lr_decay,
+    "--lr-decay",
+    help="Learning rate × this after every epoch (exponential decay).",
+)
+WEIGHT_DECAY = typer.Option(DEFAULT.weight_decay, "--weight-decay", help="Adam L2 weight decay.")
+MARGIN_EPOCHS = typer.Option(
+    DEFAULT.margin_epochs,
+    "--margin-epochs",
+    help="Epochs over which the spread-loss margin rises linearly 0.2 -> 0.9.",
+    show_default="half of --epochs",
+)
+SEED = typer.Option(DEFAULT.seed, "--seed", help="Seed of initialisation, shuffling, augmentation.")
+DEVICE = typer.Option(DEFAULT.device, "--device", help="auto | cpu | cuda[:N].")
+VALIDATION_FRACTION = typer.Option(
+    DEFAULT.validation_fraction,
+    "--validation-fraction",
+    help="Fraction (0..1) of the training images held out to choose best.pt; "
+    "the test set is never used for selection.",
+)
+SPLIT = typer.Option(
+    ViewpointSplit(DEFAULT.split),
+    "--split",
+    help="full | azimuth | elevation: train on familiar viewpoints only (section 5.1) "
+    "and report familiar and novel test errors.",
+)
+STOP_AT_ERROR = typer.Option(
+    DEFAULT.stop_at_error,
+    "--stop-at-error",
+    metavar="E",
+    help="Stop after the first epoch whose familiar-view test error is <= E "
+    "(a fraction: 0.037 means 3.7%).",
+)
+RESUME = typer.Option(
+    False, "--resume", help="Continue RUN_DIR/last.pt exactly; may raise --epochs."
+)
+AMP = typer.Option(
+    DEFAULT.amp,
+    "--amp",
+    help="bf16 autocast (CUDA only; refused on CPU). EM routing stays float32.",
+)
+COMPILE = typer.Option(DEFAULT.compile, "--compile", help="torch.compile the network.")
+LIMIT_TRAIN = typer.Option(
+    DEFAULT.limit_train,
+    "--limit-train",
+    metavar="N",
+    help="Use a random N training images (by --seed).",
+)
+LIMIT_TEST = typer.Option(
+    DEFAULT.limit_test, "--limit-test", metavar="N", help="Use a random N test images (by --seed)."
+)
+AUGMENT = typer.Option(
+    DEFAULT.augment,
+    "--augment/--no-augment",
+    help="Training images: random 32x32 crop of the 48x48 image plus random brightness and "
+    "contrast (section 5), or the centre crop only.",
+)
+AUGMENT_WARMUP = typer.Option(
+    DEFAULT.augment_warmup,
+    "--augment-warmup",
+    metavar="EPOCHS",
+    help="Epochs over which the augmentation grows linearly from none (centre crop) to the "
+    "full ranges; 0: full from the first step.",
+)
+DIAGNOSTICS = typer.Option(
+    DEFAULT.diagnostics,
+    "--diagnostics/--no-diagnostics",
+    help="Capsule-health statistics on a fixed batch after every epoch (metrics.jsonl, "
+    "diagnostics.png; capsnet only, under 2 s an epoch for the paper model).",
+)
+
+
+def print_result(result: Any) -> None:
+    """Why the run stopped, which epoch best.pt holds, and where the run is; on stderr."""
+    reason = "reached --stop-at-error" if result.stopped == "stop-at-error" else "done"
+    if result.best_epoch is None:
+        best = "no best.pt"
+    else:
+        best = f"best.pt = epoch {result.best_epoch}"
+        if result.best_validation_error is not None:
+            best += f" (validation {_pct(result.best_validation_error)})"
+    console.print(f"{reason} after {result.epochs_completed} epochs; {best}; {result.run_dir}")
 
 
 @friendly_errors
 def train_command(
     ctx: typer.Context,
-    data: Path = typer.Option(
-        Path("data/smallnorb.h5"), "--data", help="HDF5 cache written by `emcaps prepare`."
-    ),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        metavar="RUN_DIR",
-        help="Run directory (config.json, metrics.jsonl, last.pt, best.pt, curves.png).",
-        show_default="runs/YYYYmmdd-HHMMSS",
-    ),
-    model: str = opts.MODEL,
+    data: Path = data_option(),
+    out: Path | None = OUT,
+    model: Model = opts.MODEL,
     arch: str = opts.ARCH,
     iters: int = opts.ITERS,
-    pose: str = opts.POSE,
+    pose: Pose = opts.POSE,
     coord_add: bool = opts.COORD_ADD,
     channels: int = opts.CHANNELS,
-    routing: str = opts.ROUTING,
+    routing: Routing = opts.ROUTING,
     final_lambda: float = opts.FINAL_LAMBDA,
     var_floor: float = opts.VAR_FLOOR,
     likelihood_power: float = opts.LIKELIHOOD_POWER,
-    parametrisation: str = opts.PARAMETRISATION,
-    loss: str | None = typer.Option(
-        None,
-        "--loss",
-        help="spread | margin | cross-entropy.",
-        show_default="spread for capsnet, cross-entropy for cnn",
-    ),
-    epochs: int = typer.Option(50, "--epochs", help="Total epochs (passes over the training set)."),
-    batch_size: int = typer.Option(
-        32, "--batch-size", help="Images per step per process (effective batch × processes)."
-    ),
-    lr: float | None = typer.Option(
-        None,
-        "--lr",
-        help="Adam learning rate of the first epoch.",
-        show_default="2e-2 for capsnet, 3e-4 for cnn",
-    ),
-    lr_decay: float = typer.Option(
-        0.96, "--lr-decay", help="Learning rate × this after every epoch (exponential decay)."
-    ),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam L2 weight decay."),
-    margin_epochs: float | None = typer.Option(
-        None,
-        "--margin-epochs",
-        help="Epochs over which the spread-loss margin rises linearly 0.2 -> 0.9.",
-        show_default="half of --epochs",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling, augmentation."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
-    kernels: str | None = kernels_option(),
-    validation_fraction: float = typer.Option(
-        0.1,
-        "--validation-fraction",
-        help="Fraction (0..1) of the training images held out to choose best.pt; "
-        "the test set is never used for selection.",
-    ),
-    split: str = typer.Option(
-        "full",
-        "--split",
-        help="full | azimuth | elevation: train on familiar viewpoints only (section 5.1) "
-        "and report familiar and novel test errors.",
-    ),
-    stop_at_error: float | None = typer.Option(
-        None,
-        "--stop-at-error",
-        metavar="E",
-        help="Stop after the first epoch whose familiar-view test error is <= E "
-        "(a fraction: 0.037 means 3.7%).",
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue RUN_DIR/last.pt exactly; may raise --epochs."
-    ),
-    amp: bool = typer.Option(
-        False, "--amp", help="bf16 autocast (CUDA only; refused on CPU). EM routing stays float32."
-    ),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the network."),
-    limit_train: int | None = typer.Option(
-        None, "--limit-train", metavar="N", help="Use a random N training images (by --seed)."
-    ),
-    limit_test: int | None = typer.Option(
-        None, "--limit-test", metavar="N", help="Use a random N test images (by --seed)."
-    ),
-    augment: bool = typer.Option(
-        True,
-        "--augment/--no-augment",
-        help="Training images: random 32x32 crop of the 48x48 image plus random brightness and "
-        "contrast (section 5), or the centre crop only.",
-    ),
-    augment_warmup: float = typer.Option(
-        5.0,
-        "--augment-warmup",
-        metavar="EPOCHS",
-        help="Epochs over which the augmentation grows linearly from none (centre crop) to the "
-        "full ranges; 0: full from the first step, as the paper.",
-    ),
-    diagnostics: bool = typer.Option(
-        True,
-        "--diagnostics/--no-diagnostics",
-        help="Capsule-health statistics on a fixed batch after every epoch (metrics.jsonl, "
-        "diagnostics.png; capsnet only, under 2 s an epoch for the paper model).",
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    parametrisation: Parametrisation = opts.PARAMETRISATION,
+    loss: Loss | None = LOSS,
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    lr: float | None = LR,
+    lr_decay: float = LR_DECAY,
+    weight_decay: float = WEIGHT_DECAY,
+    margin_epochs: float | None = MARGIN_EPOCHS,
+    seed: int = SEED,
+    device: str = DEVICE,
+    kernels: Kernels | None = kernels_option(),
+    validation_fraction: float = VALIDATION_FRACTION,
+    split: ViewpointSplit = SPLIT,
+    stop_at_error: float | None = STOP_AT_ERROR,
+    resume: bool = RESUME,
+    amp: bool = AMP,
+    compile_model: bool = COMPILE,
+    limit_train: int | None = LIMIT_TRAIN,
+    limit_test: int | None = LIMIT_TEST,
+    augment: bool = AUGMENT,
+    augment_warmup: float = AUGMENT_WARMUP,
+    diagnostics: bool = DIAGNOSTICS,
+    json_out: bool = json_option(),
 ) -> None:
     """Train on the smallNORB cache; write checkpoints, metrics and curves to RUN_DIR."""
-    from emcaps_cli.config import TrainConfig
     from emcaps_cli.training.loop import TrainingInterrupted, resume_config, train
 
     use_kernels(kernels)
     if resume:
         if out is None:
             raise EmcapsError("--resume needs --out RUN_DIR (the run to continue)")
-        config = resume_config(out, **_typed_options(ctx))
+        config = resume_config(out, **typed_options(ctx))
     else:
-        config = TrainConfig(
-            data=str(data),
-            out=None if out is None else str(out),
-            model=opts.model_config(
-                model,
-                arch,
-                iters,
-                pose,
-                coord_add,
-                channels,
-                routing,
-                final_lambda,
-                var_floor=var_floor,
-                likelihood_power=likelihood_power,
-                parametrisation=parametrisation,
-            ),
-            loss=loss,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            margin_epochs=margin_epochs,
-            seed=seed,
-            device=device,
-            validation_fraction=validation_fraction,
-            split=split,
-            stop_at_error=stop_at_error,
-            amp=amp,
-            compile=compile_model,
-            limit_train=limit_train,
-            limit_test=limit_test,
-            augment=augment,
-            augment_warmup=augment_warmup,
-            diagnostics=diagnostics,
-        )
+        config = new_config(ctx.params)
     reporter = RichReporter()
     try:
         result = train(config, resume=resume, reporter=reporter)
@@ -302,21 +345,6 @@ def train_command(
         reporter.close()
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    reason = "reached --stop-at-error" if result.stopped == "stop-at-error" else "done"
-    best = (
-        f"best.pt = epoch {result.best_epoch}"
-        + (
-            f" (validation {_pct(result.best_validation_error)})"
-            if result.best_validation_error is not None
-            else ""
-        )
-        if result.best_epoch is not None
-        else "no best.pt"
-    )
-    console.print(f"{reason} after {result.epochs_completed} epochs; {best}; {result.run_dir}")
+    print_result(result)
     if json_out:
         print_json(result.to_dict())
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train_command)

@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from emcaps_cli.data import smallnorb
+from emcaps_cli.data.viewpoints import azimuth_degrees, elevation_degrees
 from emcaps_cli.defaults import ALL_VIEWS
+from emcaps_cli.errors import EmcapsError
 from emcaps_cli.utils.atomic import check_output_dir
 
 RAW = smallnorb.RAW_SIZE
@@ -399,14 +401,6 @@ def _to_uint8(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
-def elevation_degrees(code: int) -> float:
-    return 30.0 + 5.0 * code
-
-
-def azimuth_degrees(code: int) -> float:
-    return 10.0 * code
-
-
 def render_views(category: int, instance: int, views: np.ndarray, seed: int) -> np.ndarray:
     """Stereo pairs uint8 (len(views), 2, 96, 96) for rows (elevation, azimuth, lighting).
 
@@ -500,9 +494,9 @@ def write_synthetic(
     announces the number of stereo pairs, `on_progress(k)` reports k more done.
     """
     if not 1 <= views <= ALL_VIEWS:
-        raise smallnorb.EmcapsError(f"--views {views}: expected 1..{ALL_VIEWS}")
+        raise EmcapsError(f"--views {views}: expected 1..{ALL_VIEWS}")
     if workers < 1:
-        raise smallnorb.EmcapsError(f"--workers {workers}: need at least 1 render process")
+        raise EmcapsError(f"--workers {workers}: need at least 1 render process")
     check_output_dir(out_dir, "OUT_DIR")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,4 +27,5 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters of a network or one of its layers."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

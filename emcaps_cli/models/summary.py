@@ -11,10 +11,6 @@ from emcaps_cli.config import ModelConfig
 from emcaps_cli.models import build_model, count_parameters
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def describe(config: ModelConfig) -> dict[str, Any]:
     """{"parameters": int, "layers": [{"name", "kind", "output", "parameters"}, ...]}.
 
@@ -29,7 +25,12 @@ def describe(config: ModelConfig) -> dict[str, Any]:
                 list(t.shape[1:]) for t in (output if isinstance(output, tuple) else (output,))
             ]
             layers.append(
-                {"name": name, "kind": kind, "output": shapes, "parameters": _params(module)}
+                {
+                    "name": name,
+                    "kind": kind,
+                    "output": shapes,
+                    "parameters": count_parameters(module),
+                }
             )
 
         return module.register_forward_hook(hook)

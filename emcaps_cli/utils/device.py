@@ -14,7 +14,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise EmcapsError(f"--device {name}: CUDA is not available on this machine")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise EmcapsError(f"--device {name}: expected cuda or cuda:N") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EmcapsError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return device
     if name == "cpu":
         return torch.device("cpu")
     raise EmcapsError(f"--device {name}: expected auto, cpu or cuda")

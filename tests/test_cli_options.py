@@ -1,0 +1,50 @@
+"""The command line's options: defaults and choices come from the library, values reach it."""
+
+from __future__ import annotations
+
+import typer
+
+from emcaps_cli.cli import app
+from emcaps_cli.config import ModelConfig, TrainConfig
+from emcaps_cli.defaults import Kernels, Loss, values
+
+
+def command_params(name: str, *args: str) -> dict:
+    command = typer.main.get_command(app).commands[name]
+    return command.make_context(name, list(args)).params
+
+
+def test_train_defaults_are_the_config_defaults() -> None:
+    from emcaps_cli.cli.train import new_config
+
+    assert new_config(command_params("train")) == TrainConfig()
+
+
+def test_summary_defaults_are_the_model_config_defaults() -> None:
+    from emcaps_cli.cli import model_options as opts
+
+    params = command_params("summary")
+    params.pop("json_out")
+    assert opts.model_config(**params) == ModelConfig()
+
+
+def test_typed_choices_reach_the_config_as_plain_values() -> None:
+    from emcaps_cli.cli.train import new_config
+
+    config = new_config(command_params("train", "--model", "cnn", "--loss", "cross-entropy"))
+    assert type(config.model.model) is str and config.model.model == "cnn"
+    assert type(config.loss) is str and config.loss == "cross-entropy"
+    assert type(config.split) is str and config.split == "full"
+
+
+def test_kernel_choices_are_the_routing_backends() -> None:
+    from emcaps_cli.routing.c import ffi
+
+    assert set(values(Kernels)) == set(ffi.BACKENDS)
+
+
+def test_loss_choices_are_the_losses() -> None:
+    from emcaps_cli.losses import get_loss
+
+    for name in values(Loss):
+        get_loss(name)
