@@ -2,12 +2,11 @@
 
 Routing allocates and frees tensors of tens of MB many times per step. By default glibc serves
 each with a fresh mmap and returns it on free, so every reuse pays first-touch page faults again.
-`keep_freed_memory()` tells glibc to serve them from its heap and keep freed memory for reuse:
-measured on 2 cores (paper model, batch 32, alternating runs): training 11.1/9.5 -> 12.7/10.6
-img/s, inference 31.2/31.9 -> 39.8/35.6 img/s, with a resident size that stays flat over mixed
-batch sizes (772 MB over 20 steps; peak +30 to +250 MB). The `emcaps` command calls it; library
-users may call it too. It only applies to glibc (Linux); elsewhere it does nothing and returns
-False.
+`keep_freed_memory()` tells glibc to serve them from its heap and keep freed memory for reuse,
+which makes training and inference faster with a resident size that stays flat
+(docs/performance.md, "Allocator"). The settings last as long as the process. The `emcaps`
+command calls it; library users may call it too. It only applies to glibc (Linux); elsewhere it
+does nothing and returns False.
 """
 
 from __future__ import annotations
