@@ -176,21 +176,21 @@ def kernels_option() -> Any:
     return typer.Option(None, "--kernels", help=KERNELS_HELP, show_default=False)
 
 
-def use_kernels(choice: Kernels | None) -> None:
+def use_kernels(choice: Kernels | str | None) -> None:
     """Apply --kernels (or check $EMCAPS_KERNELS): a bad value is a one-line error."""
     from emcaps_cli.routing.c import ffi
 
     try:
         if choice is not None:
-            ffi.set_backend(choice.value)
+            ffi.set_backend(choice.value if isinstance(choice, Kernels) else choice)
         if ffi.backend() == "c":
             ffi.library()  # build now: a failure is an error before any work starts
         if ffi.backend() == "triton":
             _import_triton()
     except ffi.KernelsUnavailable as exc:
         raise EmcapsError(f"--kernels {ffi.backend()}: {exc}") from None
-    except ValueError as exc:  # $EMCAPS_KERNELS names no backend
-        raise EmcapsError(str(exc)) from None
+    except ValueError as exc:  # a value (or $EMCAPS_KERNELS) that names no backend
+        raise typer.BadParameter(str(exc), param_hint="--kernels") from None
 
 
 def _import_triton() -> None:
