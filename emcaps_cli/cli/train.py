@@ -263,7 +263,7 @@ AUGMENT_WARMUP = typer.Option(
     "--augment-warmup",
     metavar="EPOCHS",
     help="Epochs over which the augmentation grows linearly from none (centre crop) to the "
-    "full ranges; 0: full from the first step.",
+    "full ranges; 0: full from the first step, as the paper.",
 )
 DIAGNOSTICS = typer.Option(
     DEFAULT.diagnostics,
