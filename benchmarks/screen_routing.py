@@ -3,9 +3,9 @@ r"""Research screen of EM-routing variants: one short training run per call, one
 This is a research screen, not a benchmark of the library and not its supported options. Each
 call trains one network once (one seed; differences of a few points are noise) in-process
 through `emcaps_cli.training.loop.train`, after monkeypatching library internals (`layers.route`,
-`em.m_step`, `em.normalise_assignments`, `fused.routing_iterations`,
-`loop.build_model`, `loop.train_batch`) to try variants that are mostly not options of
-`emcaps train`. The patches are applied in `main` and never undone: one process per run.
+`em.m_step`, `em.normalise_assignments`, `fused.routing_iterations`) and handing `train` its
+own `build_model` and `train_batch` (TRAIN_PARTS) to try variants that are mostly not options
+of `emcaps train`. The patches are applied in `main` and never undone: one process per run.
 
 Knobs, set with `--set KEY=VALUE` (VALUE parsed as JSON when it can be, else a string) or all
 at once as `--knobs '{...}'`. The defaults are those of the original screen, so a knob dict
@@ -111,6 +111,9 @@ from emcaps_cli.models import build_model
 from emcaps_cli.routing import fused
 from emcaps_cli.routing.c import ffi
 from emcaps_cli.training import loop
+from emcaps_cli.training.data import config_split
+from emcaps_cli.training.rundir import METRICS_JSONL
+from emcaps_cli.utils.reporter import Reporter
 
 Knobs = dict[str, Any]
 
@@ -153,6 +156,8 @@ DIAG_LAYERS = {
     "cls": "class_caps",
 }
 RUN_FILES = ("config.json", "metrics.jsonl", LAST)  # what marks a directory as a run directory
+# The parts `loop.train` is given in place of the library's (build_model, train_batch).
+TRAIN_PARTS: dict[str, Callable[..., Any]] = {}
 
 
 class ScreenError(Exception):
@@ -387,7 +392,7 @@ def patch_centred_cost(knobs: Knobs) -> None:
 
 def wrap_build_model(extend: Callable[[torch.nn.Module], None]) -> None:
     """Make training's build_model call `extend` on every capsule network it builds."""
-    original = loop.build_model
+    original = TRAIN_PARTS.get("build_model", build_model)
 
     def build(config: ModelConfig) -> torch.nn.Module:
         model = original(config)
@@ -395,7 +400,7 @@ def wrap_build_model(extend: Callable[[torch.nn.Module], None]) -> None:
             extend(model)
         return model
 
-    loop.build_model = build
+    TRAIN_PARTS["build_model"] = build
 
 
 def patch_transform_init(knobs: Knobs) -> None:
@@ -465,12 +470,12 @@ def patch_lr_warm_up(knobs: Knobs) -> None:
                 for group, lr in zip(self.param_groups, saved, strict=True):
                     group["lr"] = lr
 
-    loop.torch.optim.Adam = WarmAdam
+    torch.optim.Adam = WarmAdam  # training builds its optimiser as torch.optim.Adam
 
 
 def steps_per_epoch(config: TrainConfig) -> int:
     """Optimiser steps per epoch of a single-process run of `config` (as training counts them)."""
-    rows = loop.config_split(config, load_cache(config.data))
+    rows = config_split(config, load_cache(config.data))
     return math.ceil(len(rows.train) / config.batch_size)
 
 
@@ -515,7 +520,7 @@ def crop_only_batch(
 def patch_crop_only(knobs: Knobs) -> None:
     """aug_crop_only: training batches get the random crop only."""
     if knobs.get("aug_crop_only"):
-        loop.train_batch = crop_only_batch
+        TRAIN_PARTS["train_batch"] = crop_only_batch
 
 
 def apply_patches(knobs: Knobs, config: TrainConfig) -> None:
@@ -536,7 +541,7 @@ def apply_patches(knobs: Knobs, config: TrainConfig) -> None:
 # --- run and report ----------------------------------------------------------------------------
 
 
-class EpochLines(loop.Reporter):
+class EpochLines(Reporter):
     """One progress line per epoch on stderr."""
 
     def __init__(self, tag: str) -> None:
@@ -577,7 +582,7 @@ def activation_summary(run_dir: Path, data: Path) -> dict[str, str]:
 
 def test_curve(run_dir: Path) -> list[float]:
     """Test error (%) after every epoch, from metrics.jsonl."""
-    lines = (run_dir / loop.METRICS_JSONL).read_text().splitlines()
+    lines = (run_dir / METRICS_JSONL).read_text().splitlines()
     return [round(json.loads(line)["test_error"] * 100, 1) for line in lines if line.strip()]
 
 
@@ -625,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        result = loop.train(config, reporter=EpochLines(args.tag))
+        result = loop.train(config, reporter=EpochLines(args.tag), **TRAIN_PARTS)
         diag = activation_summary(out, args.data) if config.model.model == "capsnet" else {}
     except EmcapsError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,14 +19,10 @@ from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.data.viewpoints import familiar_mask
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
-from emcaps_cli.training import loop
-from emcaps_cli.training.loop import (
-    Reporter,
-    TrainingInterrupted,
-    resume_config,
-    split_indices,
-    train,
-)
+from emcaps_cli.models import build_model
+from emcaps_cli.training.data import epoch_permutation, split_indices
+from emcaps_cli.training.loop import TrainingInterrupted, resume_config, train
+from emcaps_cli.utils.reporter import Reporter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,9 +44,9 @@ class TinyNet(nn.Module):
         return self.head(self.dropout(self.features(images).flatten(1)))  # (N, 5)
 
 
-@pytest.fixture
-def tiny_net(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "build_model", TinyNet)
+def train_tiny(config: TrainConfig, resume: bool = False, **kw):
+    """`train` with TinyNet for the network."""
+    return train(config, resume, build_model=TinyNet, **kw)
 
 
 class StepLosses(Reporter):
@@ -109,19 +105,17 @@ def test_split_indices_are_reproducible_disjoint_and_familiar() -> None:
 # --- learning ---------------------------------------------------------------------------------
 
 
-def test_loss_falls_over_a_few_steps(tmp_path: Path, tiny_net: None) -> None:
+def test_loss_falls_over_a_few_steps(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=200, n_test=20)
     steps = StepLosses()
-    train(cnn_config(cache, tmp_path / "run", epochs=2, lr=1e-2), reporter=steps)
+    train_tiny(cnn_config(cache, tmp_path / "run", epochs=2, lr=1e-2), reporter=steps)
     assert len(steps.losses) == 18  # 180 training images (10% held out), batches of 20
     assert np.mean(steps.losses[-4:]) < np.mean(steps.losses[:4]) - 0.1
 
 
-def test_small_model_learns_a_learnable_set_well_above_chance(
-    tmp_path: Path, tiny_net: None
-) -> None:
+def test_small_model_learns_a_learnable_set_well_above_chance(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=300, n_test=100)
-    result = train(cnn_config(cache, tmp_path / "run", epochs=6, lr=1e-2))
+    result = train_tiny(cnn_config(cache, tmp_path / "run", epochs=6, lr=1e-2))
     assert result.last_metrics["test_error"] < 0.35  # chance is 0.8
     assert result.last_metrics["validation_error"] < 0.35
 
@@ -179,10 +173,10 @@ def test_run_directory_and_checkpoint_rebuild(tmp_path: Path) -> None:
         train(cnn_config(cache, run, epochs=1))
 
 
-def test_split_azimuth_reports_familiar_and_novel(tmp_path: Path, tiny_net: None) -> None:
+def test_split_azimuth_reports_familiar_and_novel(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=120, n_test=60)
     run = tmp_path / "run"
-    train(cnn_config(cache, run, split="azimuth", validation_fraction=0.2))
+    train_tiny(cnn_config(cache, run, split="azimuth", validation_fraction=0.2))
     metrics = json.loads((run / "metrics.jsonl").read_text())
     assert metrics["test_familiar_error"] is not None and metrics["test_novel_error"] is not None
     config = json.loads((run / "config.json").read_text())
@@ -191,11 +185,9 @@ def test_split_azimuth_reports_familiar_and_novel(tmp_path: Path, tiny_net: None
     assert torch.load(run / "last.pt", weights_only=True)["split"] == "azimuth"
 
 
-def test_stop_at_error_stops_after_the_epoch_that_reaches_it(
-    tmp_path: Path, tiny_net: None
-) -> None:
+def test_stop_at_error_stops_after_the_epoch_that_reaches_it(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=60, n_test=20)
-    result = train(
+    result = train_tiny(
         cnn_config(cache, tmp_path / "run", epochs=5, split="elevation", stop_at_error=1.0)
     )
     assert result.stopped == "stop-at-error" and result.epochs_completed == 1
@@ -210,26 +202,24 @@ def test_amp_is_refused_on_cpu(tmp_path: Path) -> None:
 # --- exact resume -----------------------------------------------------------------------------
 
 
-def test_resume_after_an_epoch_matches_a_straight_run(tmp_path: Path, tiny_net: None) -> None:
+def test_resume_after_an_epoch_matches_a_straight_run(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
     common = dict(epochs=2, loss="spread", margin_epochs=1.5)
     straight = tmp_path / "straight"
-    train(cnn_config(cache, straight, **common))
+    train_tiny(cnn_config(cache, straight, **common))
 
     split_run = tmp_path / "split"
-    train(cnn_config(cache, split_run, **{**common, "epochs": 1}))
-    train(resume_config(split_run, epochs=2), resume=True)
+    train_tiny(cnn_config(cache, split_run, **{**common, "epochs": 1}))
+    train_tiny(resume_config(split_run, epochs=2), resume=True)
     assert_same_weights(straight / "last.pt", split_run / "last.pt")
     history = [json.loads(x) for x in (split_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == [1, 2]
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
-    tmp_path: Path, tiny_net: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
     straight = tmp_path / "straight"
-    train(cnn_config(cache, straight, epochs=2))
+    train_tiny(cnn_config(cache, straight, epochs=2))
 
     calls = {"n": 0}
 
@@ -244,18 +234,16 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
 
         return wrapped
 
-    monkeypatch.setattr(loop, "get_loss", loss_that_signals)
     run = tmp_path / "run"
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as info:
-        train(cnn_config(cache, run, epochs=2))
+        train_tiny(cnn_config(cache, run, epochs=2), get_loss=loss_that_signals)
     assert info.value.signum == signal.SIGTERM
     saved = torch.load(run / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
     assert signal.getsignal(signal.SIGTERM) is handler_before
 
-    monkeypatch.setattr(loop, "get_loss", get_loss)
-    train(resume_config(run), resume=True)
+    train_tiny(resume_config(run), resume=True)
     assert_same_weights(straight / "last.pt", run / "last.pt")
     ours = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     theirs = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
@@ -263,27 +251,27 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
     assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-9)
 
 
-def test_resume_refuses_changed_options(tmp_path: Path, tiny_net: None) -> None:
+def test_resume_refuses_changed_options(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
     run = tmp_path / "run"
-    train(cnn_config(cache, run))
+    train_tiny(cnn_config(cache, run))
     with pytest.raises(EmcapsError, match="--lr"):
         resume_config(run, lr=0.1, epochs=3)
     with pytest.raises(EmcapsError, match="--batch-size"):
-        train(cnn_config(cache, run, epochs=3, batch_size=7), resume=True)
+        train_tiny(cnn_config(cache, run, epochs=3, batch_size=7), resume=True)
     with pytest.raises(EmcapsError, match="larger --epochs"):
-        train(resume_config(run), resume=True)
+        train_tiny(resume_config(run), resume=True)
 
 
 # --- robustness -------------------------------------------------------------------------------
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(
-    tmp_path: Path, tiny_net: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
     reference = tmp_path / "reference"
-    train(cnn_config(cache, reference, epochs=1))
+    train_tiny(cnn_config(cache, reference, epochs=1))
 
     calls = {"n": 0}
 
@@ -297,10 +285,9 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint
 
         return wrapped
 
-    monkeypatch.setattr(loop, "get_loss", loss_that_explodes)
     run = tmp_path / "run"
     with pytest.raises(EmcapsError, match=r"non-finite training loss \(nan\) at epoch 2, step 3"):
-        train(cnn_config(cache, run, epochs=3))
+        train_tiny(cnn_config(cache, run, epochs=3), get_loss=loss_that_explodes)
     saved = torch.load(run / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 0)
     assert_same_weights(reference / "last.pt", run / "last.pt")
@@ -363,17 +350,14 @@ def test_configs_written_before_the_tempered_e_step_load_as_procedure_1() -> Non
         ModelConfig(likelihood_power=0.0)
 
 
-def test_without_augmentation_training_batches_are_the_centre_crops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_without_augmentation_training_batches_are_the_centre_crops(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=40, n_test=10)
     seen: list[torch.Tensor] = []
-    build = loop.build_model
 
     class Spy(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.inner = build(ModelConfig(model="cnn"))
+            self.inner = build_model(ModelConfig(model="cnn"))
             self.score_kind = "logit"
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -381,9 +365,9 @@ def test_without_augmentation_training_batches_are_the_centre_crops(
                 seen.append(x.detach().clone())
             return self.inner(x)
 
-    monkeypatch.setattr(loop, "build_model", lambda config: Spy())
-    train(cnn_config(cache, tmp_path / "run", augment=False, validation_fraction=0.0))
+    config = cnn_config(cache, tmp_path / "run", augment=False, validation_fraction=0.0)
+    train(config, build_model=lambda config: Spy())
     images = torch.from_numpy(load_cache(str(cache)).train.images[:])
-    order = loop.epoch_permutation(len(images), 0, 0)
+    order = epoch_permutation(len(images), 0, 0)
     first = eval_batch(images[order[:20]], 2)
     torch.testing.assert_close(seen[0], first)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emcaps_cli.data.transforms import eval_batch, train_batch
-from emcaps_cli.training.loop import augment_strength
+from emcaps_cli.training.schedule import augment_strength
 
 
 def images(n=6, seed=0):

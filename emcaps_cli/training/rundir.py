@@ -1,10 +1,12 @@
 """The run directory of `emcaps train`: what a run writes there, and who may write it.
 
-A new run refuses a directory that already holds a run file; `--resume` continues one. While a
-run writes, it holds an exclusive `fcntl.flock` on LOCK_FILE in the directory, so a second
-`emcaps train` on the same directory fails at once, naming the process that holds it. The
-kernel drops the lock when the process ends, however it ends, so a killed run leaves no stale
-lock: the file stays, the lock does not.
+A run writes CONFIG_JSON (its options, image counts and device),
+METRICS_JSONL (one line per epoch), last.pt and best.pt (`checkpoint.LAST`, `BEST`),
+CURVES_PNG and, for capsule networks, DIAGNOSTICS_PNG. A new run refuses a directory that
+already holds a run file; `--resume` continues one. While a run writes, it holds an exclusive
+`fcntl.flock` on LOCK_FILE in the directory, so a second `emcaps train` on the same directory
+fails at once, naming the process that holds it. The kernel drops the lock when the process
+ends, however it ends, so a killed run leaves no stale lock: the file stays, the lock does not.
 """
 
 from __future__ import annotations
@@ -12,15 +14,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from emcaps_cli.checkpoint import BEST, LAST
 from emcaps_cli.errors import EmcapsError
-from emcaps_cli.utils.atomic import check_output_dir
+from emcaps_cli.utils.atomic import atomic_path, check_output_dir
+from emcaps_cli.utils.reporter import Reporter
 
+CONFIG_JSON = "config.json"
+METRICS_JSONL = "metrics.jsonl"
+CURVES_PNG = "curves.png"
+DIAGNOSTICS_PNG = "diagnostics.png"
 # Files a run writes; any of them means the directory holds a run.
-RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl")
+RUN_FILES = (LAST, BEST, CONFIG_JSON, METRICS_JSONL)
 LOCK_FILE = ".emcaps-train.lock"
 
 
@@ -32,6 +42,29 @@ def check_new_run(run_dir: Path) -> None:
             f"--out {run_dir}: already holds a run ({', '.join(present)}); "
             "pass --resume to continue it or choose another --out"
         )
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write `payload` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """Write the metrics history as JSON lines, one per epoch, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+
+
+def plot(path: Path, history: list[dict[str, Any]], reporter: Reporter, kind: str) -> None:
+    """Draw `kind` ("curves" or "diagnostics") of the metrics history; failures become notes."""
+    from emcaps_cli import plots
+
+    draw = {"curves": plots.plot_learning_curves, "diagnostics": plots.plot_diagnostics}[kind]
+    try:
+        draw(history, path)
+    except (OSError, ValueError) as exc:  # a plot must never end a training run
+        reporter.note(f"{path}: could not draw {kind} ({exc})")
 
 
 def _make_dir(run_dir: Path) -> bool:

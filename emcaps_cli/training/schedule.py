@@ -1,0 +1,59 @@
+"""What changes with the step and the epoch: learning rate, spread-loss margin, augmentation.
+
+Adam's learning rate of epoch e (0-based) is lr · lr_decay^e; the spread-loss margin grows
+linearly from 0.2 to 0.9 over `margin_epochs` (section 4.1); the augmentation's ranges grow
+linearly from none to full over `augment_warmup` epochs. Every rank takes the same number of
+equal-size batches per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from emcaps_cli.config import TrainConfig
+from emcaps_cli.errors import EmcapsError
+from emcaps_cli.losses import spread_margin
+
+
+def augment_strength(step: int, warmup_steps: float) -> float:
+    """Augmentation strength at optimiser step `step`: linear from 0 to 1 over the warm-up."""
+    return 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step counts of a run (of a resolved TrainConfig) and the values that follow them."""
+
+    lr: float  # Adam learning rate of the first epoch
+    lr_decay: float  # × per epoch
+    per_rank: int  # training images each rank sees per epoch (the rest are dropped)
+    steps_per_epoch: int
+    margin_steps: float  # optimiser steps until the margin reaches 0.9
+    warmup_steps: float  # optimiser steps until the augmentation is at full strength
+
+    @classmethod
+    def of(cls, config: TrainConfig, n_train: int, world: int) -> Schedule:
+        """The schedule of `config` with `n_train` training images shared by `world` ranks."""
+        per_rank = n_train // world
+        if per_rank < 1:
+            raise EmcapsError(f"{n_train} training images cannot be shared by {world} processes")
+        steps = math.ceil(per_rank / config.batch_size)
+        return cls(
+            lr=config.lr,
+            lr_decay=config.lr_decay,
+            per_rank=per_rank,
+            steps_per_epoch=steps,
+            margin_steps=config.margin_epochs * steps,
+            warmup_steps=config.augment_warmup * steps,
+        )
+
+    def learning_rate(self, epoch: int) -> float:
+        return self.lr * self.lr_decay**epoch
+
+    def margin(self, step: int) -> float:
+        """The spread-loss margin of optimiser step `step` (0-based, counted over the run)."""
+        return spread_margin(step / self.margin_steps)
+
+    def augment_strength(self, step: int) -> float:
+        return augment_strength(step, self.warmup_steps)
