@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -348,6 +349,30 @@ def test_configs_written_before_the_tempered_e_step_load_as_procedure_1() -> Non
     assert ModelConfig().likelihood_power == 0.1
     with pytest.raises(EmcapsError, match="--likelihood-power"):
         ModelConfig(likelihood_power=0.0)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_training_and_evaluation_read_crops_of_the_models_input_size(
+    tmp_path: Path, augment: bool
+) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=40, n_test=10)
+    sides: set[tuple[bool, int, int]] = set()
+
+    class Sides(TinyNet):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            sides.add((self.training, *images.shape[-2:]))
+            return super().forward(images)
+
+    config = cnn_config(cache, tmp_path / "run", model=ModelConfig(model="cnn", input_size=40))
+    train(dataclasses.replace(config, augment=augment), build_model=Sides)
+    assert sides == {(True, 40, 40), (False, 40, 40)}
+
+
+def test_a_cache_smaller_than_the_models_input_size_is_refused_naming_it(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10, size=28)
+    with pytest.raises(EmcapsError, match=r"c\.h5: images are 28px, smaller than the 32px crop"):
+        train_tiny(cnn_config(cache, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_without_augmentation_training_batches_are_the_centre_crops(tmp_path: Path) -> None:

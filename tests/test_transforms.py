@@ -43,6 +43,27 @@ def test_half_strength_stays_within_half_the_shift():
     assert not torch.allclose(full, full[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [24, 32, 48])
+def test_batches_are_cropped_to_the_requested_size(size):
+    x = images()
+    assert train_batch(x, 1, torch.Generator().manual_seed(1), size=size).shape == (
+        6,
+        1,
+        size,
+        size,
+    )
+    assert eval_batch(x, 2, size=size).shape == (6, 2, size, size)
+
+
+def test_a_crop_larger_than_the_images_is_refused():
+    with pytest.raises(ValueError, match="48x48 pixels, smaller than the 56x56 crop"):
+        train_batch(images(), 2, torch.Generator().manual_seed(1), size=56)
+    with pytest.raises(ValueError, match="smaller than the 56x56 crop"):
+        eval_batch(images(), 2, size=56)
+    with pytest.raises(ValueError, match="leaves the 48x48 images"):
+        eval_batch(images(), 2, size=32, offset=(20, 0))
+
+
 def test_strength_rises_linearly_over_the_warmup():
     assert augment_strength(0, 100) == 0.0
     assert augment_strength(25, 100) == pytest.approx(0.25)

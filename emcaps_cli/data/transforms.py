@@ -1,9 +1,10 @@
 """Image preparation shared by training, evaluation and attacks (section 5).
 
 Order, as in the paper: per-image standardisation of the 48x48 image (zero mean, unit variance
-over all its channels and pixels), then a 32x32 crop (random for training, centre for test),
-then, for training only, random brightness and contrast. All functions work on batches on any
-device; randomness comes from an explicit `torch.Generator` on the batch's device.
+over all its channels and pixels), then a crop of the network's input size
+(ModelConfig.input_size, 32x32): random for training, centre for test; then, for training
+only, random brightness and contrast. All functions work on batches on any device; randomness
+comes from an explicit `torch.Generator` on the batch's device.
 
 Units: after `standardize`, one unit is one standard deviation of that image's pixels; the
 attack ε is measured in these units.
@@ -33,8 +34,21 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def require_crop(images: torch.Tensor, size: int, top: int = 0, left: int = 0) -> None:
+    """Raise ValueError unless the size x size window at (top, left) lies inside the images."""
+    h, w = images.shape[-2:]
+    if size > min(h, w):
+        raise ValueError(
+            f"images are {h}x{w} pixels, smaller than the {size}x{size} crop the network reads "
+            "(ModelConfig.input_size)"
+        )
+    if not (0 <= top <= h - size and 0 <= left <= w - size):
+        raise ValueError(f"a {size}x{size} crop at ({top}, {left}) leaves the {h}x{w} images")
+
+
 def crop(images: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
     """The same (top, left) window of every image: (N, C, H, W) -> (N, C, size, size)."""
+    require_crop(images, size, top, left)
     return images[:, :, top : top + size, left : left + size]
 
 
@@ -67,6 +81,7 @@ def random_crop(
     """An independent random size x size window per image, gathered without a Python loop.
 
     reach in [0, 1] scales how far the window may move from the centre (1: anywhere)."""
+    require_crop(images, size)
     n, c, h, w = images.shape
     dev = images.device
     top_lo, top_hi = _offset_range(h, size, reach)
@@ -105,7 +120,8 @@ def train_batch(
     size: int = CROP_SIZE,
     strength: float = 1.0,
 ) -> torch.Tensor:
-    """uint8 (N, 2, 48, 48) -> augmented float (N, channels, size, size).
+    """uint8 (N, 2, H, W) -> augmented float (N, channels, size, size); size is the network's
+    ModelConfig.input_size, at most H and W (ValueError otherwise).
 
     strength in [0, 1] scales the augmentation: 0 is the centre crop, 1 the full ranges."""
     x = standardize(select_channels(images, channels))
@@ -119,6 +135,7 @@ def eval_batch(
     size: int = CROP_SIZE,
     offset: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """uint8 (N, 2, 48, 48) -> standardised crop (N, channels, size, size); centre by default."""
+    """uint8 (N, 2, H, W) -> standardised crop (N, channels, size, size); centre by default.
+    size is the network's ModelConfig.input_size, at most H and W (ValueError otherwise)."""
     x = standardize(select_channels(images, channels))
     return center_crop(x, size) if offset is None else crop(x, offset[0], offset[1], size)

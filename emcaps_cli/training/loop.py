@@ -3,7 +3,7 @@
 The recipe (see docs/training.md for the reasons): Adam, lr 1e-2 (capsules) or 3e-4 (CNN)
 decayed by 0.96 after every epoch, batch 32, no weight decay; spread-loss margin linear
 0.2 -> 0.9 over the first half of the epochs (section 4.1). Images: per-image standardisation,
-random 32x32 crop of the 48x48 image plus random brightness and
+random crop of `ModelConfig.input_size` (32) from the 48x48 image plus random brightness and
 contrast for training (ranges optionally grown from none over a warm-up), centre crop for
 validation and test (section 5). The whole cache sits on the training device as uint8 and is
 augmented in batches.
@@ -283,7 +283,7 @@ def _health_batch(
         return None
     first = slice(0, min(HEALTH_IMAGES, len(train.labels)))
     model = config.model
-    images = eval_batch(train.images[first], model.channels)
+    images = eval_batch(train.images[first], model.channels, size=model.input_size)
     return images, train.labels[first]
 
 
@@ -397,9 +397,11 @@ def _training_images(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     """The network's input for training rows `idx`: augmented, or the centre crop."""
     model, images = run.config.model, run.data.train.images[idx]
     if not run.config.augment:
-        return eval_batch(images, model.channels)
+        return eval_batch(images, model.channels, size=model.input_size)
     strength = run.schedule.augment_strength(run.progress.global_step)
-    return run.train_batch(images, model.channels, run.augment, strength=strength)
+    return run.train_batch(
+        images, model.channels, run.augment, size=model.input_size, strength=strength
+    )
 
 
 def _save_interrupted(run: _Run, sums: _EpochSums, signum: int) -> None:
@@ -447,7 +449,7 @@ def evaluate_epoch(run: _Run, lr: float, margin: float | None) -> dict[str, Any]
 def _count_errors(run: _Run, rows: LabelledImages) -> torch.Tensor:
     """All-reduced [errors, count, familiar errors, familiar count] over this rank's shard."""
     ctx, model, images = run.ctx, run.eval_model, rows.images
-    channels = run.config.model.channels
+    channels, size = run.config.model.channels, run.config.model.input_size
     batch_size = EVAL_BATCHES_PER_BATCH * run.config.batch_size
     counts = torch.zeros(4, dtype=torch.float64, device=images.device)
     shard = torch.arange(ctx.rank, len(rows.labels), ctx.world, device=images.device)
@@ -458,7 +460,7 @@ def _count_errors(run: _Run, rows: LabelledImages) -> torch.Tensor:
         if images.device.type == "cpu":
             keep_fair()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.config.amp):
-            scores = model(eval_batch(images[idx], channels))
+            scores = model(eval_batch(images[idx], channels, size=size))
         wrong = scores.float().argmax(dim=1) != rows.labels[idx]
         fam = rows.familiar[idx]
         n = torch.tensor(len(idx), device=wrong.device)
