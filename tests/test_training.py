@@ -13,7 +13,7 @@ import torch
 from conftest import make_cache
 from torch import nn
 
-from emcaps_cli.checkpoint import load_model, resolve_checkpoint
+from emcaps_cli.checkpoint import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint
 from emcaps_cli.config import ModelConfig, TrainConfig
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.data.transforms import eval_batch
@@ -162,6 +162,8 @@ def test_run_directory_and_checkpoint_rebuild(tmp_path: Path) -> None:
     data = torch.load(run / "best.pt", weights_only=True)
     assert data["model_config"]["model"] == "cnn" and data["split"] == "full"
     assert data["epoch"] == 1 and data["train_config"]["batch_size"] == 20
+    assert data["kernels"] is None  # the CNN does not route
+    assert json.loads((run / "config.json").read_text())["kernels"] is None
     model, loaded = load_model(run / "best.pt")
     assert loaded["epoch"] == 1
     x = torch.randn(3, 2, 32, 32)
@@ -262,6 +264,72 @@ def test_resume_refuses_changed_options(tmp_path: Path) -> None:
         train_tiny(cnn_config(cache, run, epochs=3, batch_size=7), resume=True)
     with pytest.raises(EmcapsError, match="larger --epochs"):
         train_tiny(resume_config(run), resume=True)
+
+
+class Notes(Reporter):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@pytest.fixture
+def restore_kernels():
+    from emcaps_cli.routing.c import ffi
+
+    before = ffi.backend()
+    yield ffi
+    ffi.set_backend(before)
+
+
+def test_the_routing_kernels_are_recorded_and_a_resume_on_others_is_named(
+    tmp_path: Path, restore_kernels
+) -> None:
+    ffi = restore_kernels
+    try:
+        ffi.library()
+    except ffi.KernelsUnavailable as err:  # no C compiler on this machine
+        pytest.skip(str(err))
+    cache = make_cache(tmp_path / "c.h5", n_train=40, n_test=10)
+    capsnet = ModelConfig(model="capsnet", arch=(8, 4, 4, 4), iters=1)
+    run = tmp_path / "run"
+
+    def recorded() -> tuple[str, str]:
+        config = json.loads((run / "config.json").read_text())
+        return config["kernels"], torch.load(run / "last.pt", weights_only=True)["kernels"]
+
+    ffi.set_backend("torch")
+    train(cnn_config(cache, run, model=capsnet, batch_size=16, diagnostics=False))
+    assert recorded() == ("torch", "torch")
+
+    ffi.set_backend("c")
+    notes = Notes()
+    train(resume_config(run, epochs=2), resume=True, reporter=notes)
+    assert recorded() == ("c", "c")
+    (note,) = [n for n in notes.notes if "kernels" in n]
+    assert "on the c routing kernels" in note and "trained on the torch kernels" in note
+
+    # A checkpoint written before the kernels were recorded resumes without a note.
+    old = load_checkpoint(run / "last.pt")
+    del old["kernels"]
+    save_checkpoint(run / "last.pt", old)
+    ffi.set_backend("torch")
+    notes = Notes()
+    train(resume_config(run, epochs=3), resume=True, reporter=notes)
+    assert recorded() == ("torch", "torch") and notes.notes == []
+
+
+def test_kernels_that_cannot_run_are_refused_before_training(
+    tmp_path: Path, restore_kernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
+    restore_kernels.set_backend("triton")
+    capsnet = ModelConfig(model="capsnet", arch=(8, 4, 4, 4), iters=1)
+    with pytest.raises(EmcapsError, match="--kernels triton: "):
+        train(cnn_config(cache, tmp_path / "run", model=capsnet))
+    assert not (tmp_path / "run").exists()
 
 
 # --- robustness -------------------------------------------------------------------------------

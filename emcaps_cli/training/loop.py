@@ -13,8 +13,8 @@ trains on its shard of each epoch's permutation through DistributedDataParallel;
 is per process. Sums are all-reduced; only rank 0 writes files.
 
 Beside this module: data (splits, the images on the device), schedule (lr, margin,
-augmentation), state (checkpoint payload, exact resume), rng, distributed, signals and
-rundir.
+augmentation), state (checkpoint payload, exact resume), rng, distributed, signals, kernels
+and rundir.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from emcaps_cli.training.data import (
     load_device_data,
 )
 from emcaps_cli.training.distributed import ProcessGroup, setup_distributed
+from emcaps_cli.training.kernels import kernels_change, routing_kernels
 from emcaps_cli.training.rng import rng_state, seed_rngs
 from emcaps_cli.training.rundir import (
     CONFIG_JSON,
@@ -115,6 +116,7 @@ class _Run:
     train_batch: Callable[..., torch.Tensor]
     schedule: Schedule
     progress: Progress
+    kernels: str | None  # the routing kernels this process trains on
     health_batch: tuple[torch.Tensor, torch.Tensor] | None  # (images, labels)
 
     @property
@@ -131,6 +133,7 @@ class _Run:
             rng,
             self.progress,
             self.ctx.world,
+            self.kernels,
         )
 
 
@@ -232,11 +235,14 @@ def _start(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     augment = torch.Generator(device=device)
     seed_rngs(config.seed, ctx.rank, augment)
+    kernels = routing_kernels(config.model, device)
     progress = Progress()
     if checkpoint is not None:
         progress = restore_progress(checkpoint, model, optimizer, ctx.main)
         run_dir = Path(config.out)
         restore_rng(checkpoint, progress, config.seed, ctx, augment, device, run_dir, reporter)
+        if note := kernels_change(checkpoint.get("kernels"), kernels):
+            reporter.note(note)
     train_model, eval_model = _wrapped(model, config.compile, ctx, device)
     run = _Run(
         config=config,
@@ -253,6 +259,7 @@ def _start(
         train_batch=parts.train_batch,
         schedule=Schedule.of(config, len(data.train.labels), ctx.world),
         progress=progress,
+        kernels=kernels,
         health_batch=_health_batch(config, data.train),
     )
     _announce(run, resume)
@@ -300,6 +307,7 @@ def _announce(run: _Run, resume: bool) -> None:
             "images": run.data.sizes,
             "world_size": ctx.world,
             "device": str(run.device),
+            "kernels": run.kernels,
             "steps_per_epoch": run.schedule.steps_per_epoch,
             "torch": torch.__version__,
             "written": datetime.now().isoformat(timespec="seconds"),

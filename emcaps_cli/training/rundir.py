@@ -1,6 +1,6 @@
 """The run directory of `emcaps train`: what a run writes there, and who may write it.
 
-A run writes CONFIG_JSON (its options, image counts and device),
+A run writes CONFIG_JSON (its options, image counts, device and routing kernels),
 METRICS_JSONL (one line per epoch), last.pt and best.pt (`checkpoint.LAST`, `BEST`),
 CURVES_PNG and, for capsule networks, DIAGNOSTICS_PNG. A new run refuses a directory that
 already holds a run file; `--resume` continues one. While a run writes, it holds an exclusive

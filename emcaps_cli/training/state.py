@@ -2,9 +2,10 @@
 
 Resume is exact: a checkpoint holds the model, optimiser, schedule position (epoch, step in the
 epoch, global step), every rank's RNG states and the partial-epoch sums, so a resumed run is
-bit-identical on the same hardware and number of processes. Only the RESUMABLE options may
-differ from the stored run; a resume on another device or number of processes is allowed and
-named in a note, since its numbers then differ from a straight run.
+bit-identical on the same hardware, routing kernels and number of processes. Only the
+RESUMABLE options may differ from the stored run; a resume on another device, number of
+processes or routing kernels is allowed and named in a note, since its numbers then differ
+from a straight run's.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def checkpoint_payload(
     rng: list[dict[str, Any]],
     progress: Progress,
     world: int,
+    kernels: str | None,
 ) -> dict[str, Any]:
     """The checkpoint of a run at `progress`; `rng` holds every rank's `rng_state`."""
     return {
@@ -71,6 +73,7 @@ def checkpoint_payload(
         "best": dict(progress.best),
         "metrics": progress.history[-1] if progress.history else None,
         "world_size": world,
+        "kernels": kernels,  # "c", "torch" or "triton" (kernels.routing_kernels); None: no routing
     }
 
 
