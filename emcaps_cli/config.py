@@ -110,6 +110,16 @@ class ModelConfig:
         return cls(**d)
 
 
+# The training loss by model when none is chosen: `default_loss`.
+DEFAULT_LOSS = {"capsnet": "spread", "cnn": "cross-entropy"}
+
+
+def default_loss(model: str) -> str:
+    """The loss a network of kind `model` trains with when --loss is not given: the spread
+    loss (Eq. 3) for the capsule network, softmax cross-entropy for the CNN baseline."""
+    return DEFAULT_LOSS[model]
+
+
 def parse_arch(text: str) -> tuple[int, int, int, int]:
     """Parse `--arch A,B,C,D` (e.g. "32,32,32,32" or "64,8,16,16")."""
     try:
@@ -132,7 +142,8 @@ DEFAULT_LR = {"capsnet": 2e-2, "cnn": 3e-4}
 class TrainConfig:
     """Everything that defines a training run; stored in config.json and every checkpoint.
 
-    loss            None: "spread" for the capsule network, "cross-entropy" for the CNN
+    loss            None: `default_loss` of the model ("spread" for the capsule network,
+                    "cross-entropy" for the CNN)
     batch_size      images per optimiser step per process (effective batch = × processes)
     lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
                     DEFAULT_LR of the model (docs/training.md)
@@ -219,7 +230,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with the defaults that depend on other options filled in."""
-        loss = self.loss or ("spread" if self.model.model == "capsnet" else "cross-entropy")
+        loss = self.loss or default_loss(self.model.model)
         margin_epochs = self.margin_epochs if self.margin_epochs is not None else self.epochs / 2
         lr = self.lr if self.lr is not None else DEFAULT_LR[self.model.model]
         return dataclasses.replace(self, loss=loss, margin_epochs=margin_epochs, lr=lr)

@@ -14,7 +14,7 @@ from conftest import make_cache
 from torch import nn
 
 from emcaps_cli.checkpoint import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint
-from emcaps_cli.config import ModelConfig, TrainConfig
+from emcaps_cli.config import ModelConfig, TrainConfig, default_loss
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.data.viewpoints import familiar_mask
@@ -464,3 +464,10 @@ def test_without_augmentation_training_batches_are_the_centre_crops(tmp_path: Pa
     order = epoch_permutation(len(images), 0, 0)
     first = eval_batch(images[order[:20]], 2)
     torch.testing.assert_close(seen[0], first)
+
+
+def test_each_model_has_its_own_default_loss() -> None:
+    assert (default_loss("capsnet"), default_loss("cnn")) == ("spread", "cross-entropy")
+    assert TrainConfig(model=ModelConfig(model="cnn")).resolved().loss == "cross-entropy"
+    assert TrainConfig(model=ModelConfig(model="capsnet")).resolved().loss == "spread"
+    assert TrainConfig(loss="margin").resolved().loss == "margin"
