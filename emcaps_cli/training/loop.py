@@ -5,8 +5,8 @@ decayed by 0.96 after every epoch, batch 32, no weight decay; spread-loss margin
 0.2 -> 0.9 over the first half of the epochs (section 4.1). Images: per-image standardisation,
 random crop of `ModelConfig.input_size` (32) from the 48x48 image plus random brightness and
 contrast for training (ranges grown from none over the first `augment_warmup` epochs), centre
-crop for validation and test (section 5). The whole cache sits on the training device as uint8 and is
-augmented in batches.
+crop for validation and test (section 5). The whole cache sits on the training device as
+uint8 and is augmented in batches.
 
 Multi-process: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) every rank
 trains on its shard of each epoch's permutation through DistributedDataParallel; `batch_size`
