@@ -66,8 +66,8 @@ def measure(args) -> dict:
     from emcaps_cli.config import ModelConfig, parse_arch
     from emcaps_cli.losses import spread_loss
     from emcaps_cli.models import build_model
-    from emcaps_cli.routing import fused
-    from emcaps_cli.routing.c import ffi
+    from emcaps_cli.routing import backend, torch_backend
+    from emcaps_cli.routing.c import backend as c_backend
     from emcaps_cli.routing.fused import plain_route
     from emcaps_cli.utils.allocator import keep_freed_memory
     from emcaps_cli.utils.device import resolve_device
@@ -77,15 +77,15 @@ def measure(args) -> dict:
     if args.allocator == "tuned":
         keep_freed_memory()  # as the emcaps command does
     if args.chunk_elements is not None:  # both paths' chunk budget (votes per routing chunk)
-        fused.VOTE_CHUNK_ELEMENTS = args.chunk_elements
-        fused.C_VOTE_CHUNK_ELEMENTS = args.chunk_elements
+        torch_backend.VOTE_CHUNK_ELEMENTS = args.chunk_elements
+        c_backend.C_VOTE_CHUNK_ELEMENTS = args.chunk_elements
     if args.impl in ("torch", "triton"):
-        ffi.set_backend(args.impl)  # the fused function on PyTorch ops / Triton only
+        backend.set_backend(args.impl)  # the fused function on PyTorch ops / Triton only
     if args.impl == "plain":
         layers.route = plain_route  # the naive baseline: plain autograd through every op
     elif args.impl == "whole":
-        fused.VOTE_CHUNK_ELEMENTS = 0  # fused, but the whole batch routed at once
-        fused.C_VOTE_CHUNK_ELEMENTS = 0
+        torch_backend.VOTE_CHUNK_ELEMENTS = 0  # fused, but the whole batch routed at once
+        c_backend.C_VOTE_CHUNK_ELEMENTS = 0
     device = resolve_device(args.device)
     config = ModelConfig(
         arch=parse_arch(MODELS[args.model]), iters=args.iters, routing=args.routing
@@ -165,10 +165,9 @@ def kernels_used(impl: str, x) -> str:
     """Which routing implementation the layers ran: triton, c, torch or plain."""
     if impl == "plain":
         return "plain"
-    from emcaps_cli.routing import fused
+    from emcaps_cli.routing import active_backend_name
 
-    names = {fused._TritonVotes: "triton", fused._CVotes: "c"}
-    return names.get(fused.implementation(x), "torch")
+    return active_backend_name(x.device)
 
 
 def reference_ratio(threads: int) -> dict:

@@ -3,9 +3,9 @@ r"""Research screen of EM-routing variants: one short training run per call, one
 This is a research screen, not a benchmark of the library and not its supported options. Each
 call trains one network once (one seed; differences of a few points are noise) in-process
 through `emcaps_cli.training.loop.train`, after monkeypatching library internals (`layers.route`,
-`em.m_step`, `em.normalise_assignments`, `fused.routing_iterations`) and handing `train` its
-own `build_model` and `train_batch` (TRAIN_PARTS) to try variants that are mostly not options
-of `emcaps train`. The patches are applied in `main` and never undone: one process per run.
+`em.m_step`, `em.normalise_assignments`, `torch_backend.routing_iterations`) and handing
+`train` its own `build_model` and `train_batch` (TRAIN_PARTS) to try variants that are mostly
+not options of `emcaps train`. The patches are applied in `main` and never undone: one process per run.
 
 Knobs, set with `--set KEY=VALUE` (VALUE parsed as JSON when it can be, else a string) or all
 at once as `--knobs '{...}'`. The defaults are those of the original screen, so a knob dict
@@ -108,7 +108,7 @@ from emcaps_cli.data import transforms
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.models import build_model
-from emcaps_cli.routing import fused
+from emcaps_cli.routing import torch_backend
 from emcaps_cli.routing.c import ffi
 from emcaps_cli.training import loop
 from emcaps_cli.training.data import config_split
@@ -348,7 +348,7 @@ def routing_iterations_last_e_step(
 def patch_early(knobs: Knobs) -> None:
     """early: only the last E-step passes gradients (in the layers' fused routing)."""
     if knobs.get("early"):
-        fused.routing_iterations = routing_iterations_last_e_step
+        torch_backend.routing_iterations = routing_iterations_last_e_step
 
 
 def patch_relative_floor(knobs: Knobs) -> None:

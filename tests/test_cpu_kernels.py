@@ -1,20 +1,27 @@
 """The C kernels of the routing equal the plain PyTorch expressions they replace, and the
-kernels are built, cached and chosen as documented."""
+kernels are built, cached, checked and chosen as documented."""
 
 from __future__ import annotations
+
+import ctypes
+import subprocess
+import warnings
 
 import pytest
 import torch
 
 from emcaps_cli.capsules.votes import compute_votes
-from emcaps_cli.routing.c import ffi
+from emcaps_cli.errors import EmcapsError
+from emcaps_cli.routing import active_backend_name, select
+from emcaps_cli.routing.backend import KernelsUnavailable, UnknownBackend
+from emcaps_cli.routing.c import build, ffi
 
 
 @pytest.fixture(autouse=True)
 def _need_compiler():
     try:
         ffi.library()
-    except ffi.KernelsUnavailable as err:
+    except KernelsUnavailable as err:
         pytest.skip(str(err))
 
 
@@ -64,9 +71,9 @@ def test_kernels_use_every_thread_and_give_the_same_result_on_one():
 def fresh_state(monkeypatch, tmp_path):
     """A kernel module state with nothing built or loaded yet, caching in tmp_path."""
     monkeypatch.setenv("EMCAPS_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(ffi, "_library", None)
-    monkeypatch.setattr(ffi, "_failure", None)
-    monkeypatch.setattr(ffi, "_warned", False)
+    monkeypatch.setattr(build, "_library", None)
+    monkeypatch.setattr(build, "_failure", None)
+    monkeypatch.setattr(select, "_warned", set())
     before = ffi.backend()
     yield tmp_path
     ffi.set_backend(before)
@@ -77,10 +84,48 @@ def test_build_is_cached_by_source_compiler_and_cpu(fresh_state):
     built = list(fresh_state.glob("cpu_kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    ffi._library = None
+    build._library = None
     ffi.library()  # loads the cached file, does not rebuild
     assert built[0].stat().st_mtime_ns == stamp
     assert not [p for p in fresh_state.iterdir() if p not in built]  # no temp files left
+
+
+def compile_library(tmp_path, source: str, name: str):
+    """A tiny shared library from C `source`, compiled with the kernels' compiler."""
+    c_file = tmp_path / f"{name}.c"
+    c_file.write_text("#include <stdint.h>\n" + source)
+    target = tmp_path / f"{name}.so"
+    subprocess.run([build.compiler(), "-shared", "-fPIC", "-o", target, c_file], check=True)
+    return target
+
+
+def test_the_abi_check_refuses_a_library_without_the_version_or_with_another(tmp_path):
+    none = ctypes.CDLL(str(compile_library(tmp_path, "int64_t unrelated(void) { return 0; }", "a")))
+    assert "no emcaps_abi_version" in build.abi_problem(none)
+    old = "int64_t emcaps_abi_version(void) { return 1; }"
+    other = ctypes.CDLL(str(compile_library(tmp_path, old, "b")))
+    assert f"ABI version is 1, not {build.ABI_VERSION}" in build.abi_problem(other)
+    assert build.abi_problem(ffi.library()) is None
+
+
+def test_a_stale_cached_library_is_rebuilt_not_called(fresh_state):
+    """A file in the cache's place whose ABI version differs (an older build, say)."""
+    target = build.cached_path(build.compiler())
+    stale = "int64_t emcaps_abi_version(void) { return 1; }"
+    compile_library(fresh_state, stale, "stale").rename(target)
+    lib = ffi.library()
+    assert build.abi_problem(lib) is None
+    assert build.abi_problem(ctypes.CDLL(str(target))) is None  # the file itself was replaced
+    x = torch.linspace(-3, 3, 32)
+    torch.testing.assert_close(ffi.exp_lanes(x), torch.exp(x), atol=0, rtol=2e-7)
+
+
+def test_the_ctypes_structures_match_the_c_structs_field_for_field():
+    for which, struct in enumerate(ffi.STRUCTS):
+        expected = [ctypes.sizeof(struct)]
+        expected += [getattr(struct, name).offset for name, _ in struct._fields_]
+        assert ffi.c_layout(which) == expected, struct.__name__
+    assert ffi.c_layout(len(ffi.STRUCTS)) == []  # no struct beyond those
 
 
 def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(
@@ -89,13 +134,14 @@ def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(
     monkeypatch.setenv("CC", "/nonexistent/cc")
     x = torch.zeros(1)
     ffi.set_backend("c")
-    with pytest.raises(ffi.KernelsUnavailable, match="no C compiler found"):
-        ffi.use_c_kernels(x)
+    with pytest.raises(KernelsUnavailable, match="no C compiler found"):
+        select.resolve(x)
     ffi.set_backend("auto")
-    assert ffi.use_c_kernels(x) is False
-    assert ffi.use_c_kernels(x) is False
-    err = capsys.readouterr().err
-    assert err.count("using the slower PyTorch routing kernels") == 1  # said once, on stderr
+    with pytest.warns(UserWarning, match="using the slower PyTorch routing kernels") as record:
+        assert select.resolve(x).name == "torch"
+        assert active_backend_name() == "torch"
+    assert len(record) == 1  # said once
+    assert capsys.readouterr().err == ""  # a warning, not a print
 
 
 def test_backend_choice():
@@ -103,18 +149,25 @@ def test_backend_choice():
     before = ffi.backend()
     try:
         ffi.set_backend("torch")
-        assert ffi.use_c_kernels(x) is False
+        assert select.resolve(x).name == active_backend_name() == "torch"
         ffi.set_backend("c")
-        assert ffi.use_c_kernels(x) is True
-        with pytest.raises(ffi.KernelsUnavailable, match="float32 or float64"):
-            ffi.use_c_kernels(x.bfloat16())
+        assert select.resolve(x).name == active_backend_name("cpu") == "c"
+        with pytest.raises(KernelsUnavailable, match="float32 or float64"):
+            select.resolve(x.bfloat16())
         ffi.set_backend("auto")
-        assert ffi.use_c_kernels(x) is True
-        assert ffi.use_c_kernels(x.bfloat16()) is False
+        assert select.resolve(x).name == "c"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # another dtype is no reason to warn
+            assert select.resolve(x.bfloat16()).name == "torch"
     finally:
         ffi.set_backend(before)
-    with pytest.raises(ValueError, match="auto, c, torch"):
+    with pytest.raises(UnknownBackend, match="auto, c, torch"):
         ffi.set_backend("cuda")
+
+
+def test_kernel_errors_are_the_errors_the_command_line_reports():
+    assert issubclass(KernelsUnavailable, EmcapsError)
+    assert issubclass(UnknownBackend, EmcapsError)
 
 
 def test_vectorised_exp_is_within_one_ulp_and_keeps_the_edge_cases():
@@ -169,5 +222,5 @@ def test_unwritable_cache_is_reported_not_raised_as_oserror(fresh_state, monkeyp
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("EMCAPS_KERNEL_CACHE", str(blocker / "kernels"))
-    with pytest.raises(ffi.KernelsUnavailable, match="could not build into"):
+    with pytest.raises(KernelsUnavailable, match="could not build into"):
         ffi.library()

@@ -24,9 +24,11 @@ except ImportError as err:  # the dev extra installs it
 
 from emcaps_cli.capsules.geometry import conv_child_map  # noqa: E402
 from emcaps_cli.capsules.layers import ClassCaps  # noqa: E402
-from emcaps_cli.routing import fused, triton_kernels  # noqa: E402
+from emcaps_cli.routing import active_backend_name, select, triton_kernels  # noqa: E402
+from emcaps_cli.routing.backend import KernelsUnavailable  # noqa: E402
 from emcaps_cli.routing.c import ffi  # noqa: E402
 from emcaps_cli.routing.fused import RoutingSpec, plain_route, route  # noqa: E402
+from emcaps_cli.routing.triton_backend import triton_unavailable  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 D = torch.float64
@@ -108,7 +110,7 @@ def assert_triton_equals_plain(tensors, vote_offset, spec, tol):
         offset = None if vote_offset is None else vote_offset.clone().requires_grad_(True)
         leaves.append((copy, offset))
     (a, off_a), (b, off_b) = leaves
-    assert fused.implementation(a[0]) is fused._TritonVotes
+    assert select.resolve(a[0]).name == "triton"
     p1, a1 = route(*a, spec, off_a)
     p2, a2 = plain_route(*b, spec, off_b)
     torch.testing.assert_close(p1, p2, **tol["values"])
@@ -221,27 +223,27 @@ def test_child_table_lists_every_parent_slot_of_each_child():
 
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    reason = fused.triton_unavailable(torch.zeros(1))
+    reason = triton_unavailable(torch.zeros(1))
     assert reason is not None and "CUDA" in reason
-    with pytest.raises(ffi.KernelsUnavailable, match="--kernels triton: .*CUDA"):
-        fused.implementation(torch.zeros(1))
+    with pytest.raises(KernelsUnavailable, match="--kernels triton: .*CUDA"):
+        select.resolve(torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert "float32 or float64" in fused.triton_unavailable(torch.zeros(1).bfloat16())
+    assert "float32 or float64" in triton_unavailable(torch.zeros(1).bfloat16())
 
 
 def test_auto_takes_triton_on_cuda_and_warns_once_when_it_cannot(monkeypatch):
     cuda_like = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
     ffi.set_backend("auto")
     if not ON_GPU:
-        monkeypatch.setattr(fused, "triton_unavailable", lambda like: None)
-    assert fused.implementation(cuda_like) is fused._TritonVotes
-    monkeypatch.setattr(fused, "triton_unavailable", lambda like: "no triton here")
-    monkeypatch.setattr(fused, "_triton_warned", False)
+        monkeypatch.setattr(select, "triton_unavailable", lambda like: None)
+    assert select.resolve(cuda_like).name == "triton"
+    monkeypatch.setattr(select, "triton_unavailable", lambda like: "no triton here")
+    monkeypatch.setattr(select, "_warned", set())
     with pytest.warns(UserWarning, match=r"slower PyTorch ops \(no triton here\)") as record:
-        assert fused.implementation(cuda_like) is fused._TorchVotes
-        assert fused.implementation(cuda_like) is fused._TorchVotes
+        assert select.resolve(cuda_like).name == "torch"
+        assert select.resolve(cuda_like).name == "torch"
     assert len(record) == 1
-    assert fused.implementation(torch.zeros(1)) is not fused._TritonVotes
+    assert select.resolve(torch.zeros(1)).name != "triton"
 
 
 def test_kernels_option_takes_triton_and_refuses_it_without_a_gpu(monkeypatch):
@@ -251,7 +253,7 @@ def test_kernels_option_takes_triton_and_refuses_it_without_a_gpu(monkeypatch):
     from emcaps_cli.errors import EmcapsError
 
     use_kernels("triton")  # the interpreter (or a GPU) is here
-    assert ffi.backend() == "triton"
+    assert ffi.backend() == "triton" and active_backend_name(DEVICE) == "triton"
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(EmcapsError, match="--kernels triton: .*need a CUDA GPU"):

@@ -23,6 +23,11 @@
  *
  * This file is compiled once per element type: it includes itself with REAL = float (suffix
  * _f32) and REAL = double (_f64).
+ *
+ * Interface: every routing entry point takes its arguments as pointers to the structs below,
+ * which ffi.py mirrors field for field as ctypes Structures (tests/test_cpu_kernels.py compares
+ * the layouts through emcaps_layout). EMCAPS_ABI_VERSION changes with any change of a struct
+ * or of an entry point's signature; the loader refuses a library whose version differs.
  */
 #ifndef REAL
 
@@ -32,6 +37,51 @@
 #include <string.h>
 
 #define H 16
+
+#define EMCAPS_ABI_VERSION 2
+
+/* One chunk's routing problem: shapes, schedule and scalars (ffi.Problem).
+ * N images, L parent positions, S slots per position, J parent types, Q = 4 (matrix poses) or
+ * 16 (vector poses); lambdas (iters) the inverse temperatures; num_children ids per image for
+ * exact routing (0 without); the floors of σ² and of Σ_s R a; τ of the E-step. */
+typedef struct {
+    int64_t N, L, S, J, Q;
+    int64_t iters;
+    int64_t num_children;
+    const double *lambdas;
+    double var_floor, sum_floor, likelihood_power;
+} emcaps_problem;
+
+/* Its input tensors (ffi.Inputs), of the element type of the call (offset, child_index and
+ * parent_count may be NULL): poses (B, S, 16), tiled (S, J, Q, 16), offset (S, 16),
+ * a_in (B, S), beta_u and beta_a (J), child_index (L·S, int64) and parent_count (L·S). */
+typedef struct {
+    const void *poses, *tiled, *offset, *a_in, *beta_u, *beta_a;
+    const int64_t *child_index;
+    const void *parent_count;
+} emcaps_inputs;
+
+/* route_forward's work buffers, outputs and tape (ffi.ForwardBuffers; see route_forward). */
+typedef struct {
+    void *votes, *shift, *assignments, *variance, *log_sigmas;
+    void *slot_a, *slot_b, *child_a, *child_b;
+    void *poses_out, *logit_out;
+    void *const *tape; /* NULL, or 4·iters − 2 buffers */
+} emcaps_forward_buffers;
+
+/* route_backward's inputs beyond the problem, work buffers and outputs (ffi.BackwardBuffers;
+ * see route_backward). */
+typedef struct {
+    const void *const *tape;
+    const void *g_poses, *g_logit; /* may be NULL */
+    void *votes, *shift, *rowbuf, *grad_assign, *slot, *child;
+    void *const *coefs; /* 2·iters − 1 buffers */
+    void *vcoef, *constant;
+    void *grad_a, *grad_bu, *grad_ba;
+    const void *wmat;
+    int64_t threads;
+    void *grad_poses, *grad_w_threads, *grad_off_threads, *gp_threads;
+} emcaps_backward_buffers;
 
 /* Lane shuffles with constant indices: of one vector, and of two (16-31 pick from b). */
 #ifdef __clang__
@@ -69,6 +119,61 @@
 #undef IREAL
 #undef REAL_IS_FLOAT
 #undef NAME
+
+int64_t emcaps_abi_version(void) { return EMCAPS_ABI_VERSION; }
+
+#include <stddef.h>
+#define FIELD(type, field) out[n++] = (int64_t)offsetof(type, field)
+
+/* sizeof and the offset of every field, in declaration order, of struct `which`
+ * (0 problem, 1 inputs, 2 forward buffers, 3 backward buffers) into out; returns the count
+ * written (0 for an unknown struct). For the test that ffi.py's Structures match. */
+int64_t emcaps_layout(int64_t which, int64_t *out)
+{
+    int64_t n = 0;
+    switch (which) {
+    case 0:
+        out[n++] = sizeof(emcaps_problem);
+        FIELD(emcaps_problem, N); FIELD(emcaps_problem, L); FIELD(emcaps_problem, S);
+        FIELD(emcaps_problem, J); FIELD(emcaps_problem, Q); FIELD(emcaps_problem, iters);
+        FIELD(emcaps_problem, num_children); FIELD(emcaps_problem, lambdas);
+        FIELD(emcaps_problem, var_floor); FIELD(emcaps_problem, sum_floor);
+        FIELD(emcaps_problem, likelihood_power);
+        break;
+    case 1:
+        out[n++] = sizeof(emcaps_inputs);
+        FIELD(emcaps_inputs, poses); FIELD(emcaps_inputs, tiled); FIELD(emcaps_inputs, offset);
+        FIELD(emcaps_inputs, a_in); FIELD(emcaps_inputs, beta_u); FIELD(emcaps_inputs, beta_a);
+        FIELD(emcaps_inputs, child_index); FIELD(emcaps_inputs, parent_count);
+        break;
+    case 2:
+        out[n++] = sizeof(emcaps_forward_buffers);
+        FIELD(emcaps_forward_buffers, votes); FIELD(emcaps_forward_buffers, shift);
+        FIELD(emcaps_forward_buffers, assignments); FIELD(emcaps_forward_buffers, variance);
+        FIELD(emcaps_forward_buffers, log_sigmas); FIELD(emcaps_forward_buffers, slot_a);
+        FIELD(emcaps_forward_buffers, slot_b); FIELD(emcaps_forward_buffers, child_a);
+        FIELD(emcaps_forward_buffers, child_b); FIELD(emcaps_forward_buffers, poses_out);
+        FIELD(emcaps_forward_buffers, logit_out); FIELD(emcaps_forward_buffers, tape);
+        break;
+    case 3:
+        out[n++] = sizeof(emcaps_backward_buffers);
+        FIELD(emcaps_backward_buffers, tape); FIELD(emcaps_backward_buffers, g_poses);
+        FIELD(emcaps_backward_buffers, g_logit); FIELD(emcaps_backward_buffers, votes);
+        FIELD(emcaps_backward_buffers, shift); FIELD(emcaps_backward_buffers, rowbuf);
+        FIELD(emcaps_backward_buffers, grad_assign); FIELD(emcaps_backward_buffers, slot);
+        FIELD(emcaps_backward_buffers, child); FIELD(emcaps_backward_buffers, coefs);
+        FIELD(emcaps_backward_buffers, vcoef); FIELD(emcaps_backward_buffers, constant);
+        FIELD(emcaps_backward_buffers, grad_a); FIELD(emcaps_backward_buffers, grad_bu);
+        FIELD(emcaps_backward_buffers, grad_ba); FIELD(emcaps_backward_buffers, wmat);
+        FIELD(emcaps_backward_buffers, threads); FIELD(emcaps_backward_buffers, grad_poses);
+        FIELD(emcaps_backward_buffers, grad_w_threads);
+        FIELD(emcaps_backward_buffers, grad_off_threads);
+        FIELD(emcaps_backward_buffers, gp_threads);
+        break;
+    }
+    return n;
+}
+#undef FIELD
 
 #else
 
@@ -181,13 +286,13 @@ static void NAME(votes_all)(const REAL *poses, const REAL *tiled, const REAL *of
     }
 }
 
-/* Votes of blocks [b0, b1) and their unweighted mean per (block, parent type).
- * offset (S, 16) may be NULL. */
-void NAME(votes)(const REAL *poses, const REAL *tiled, const REAL *offset, int64_t S, int64_t J,
-                 int64_t Q, int64_t b0, int64_t b1, REAL *votes, REAL *shift)
+/* Votes of the problem's N·L blocks and their unweighted mean per (block, parent type), into
+ * votes (B, J, S, 16) and shift (B·J, 16). */
+void NAME(votes)(const emcaps_problem *p, const emcaps_inputs *in, REAL *votes, REAL *shift)
 {
 #pragma omp parallel
-    NAME(votes_all)(poses, tiled, offset, S, J, Q, b0, b1, votes, shift);
+    NAME(votes_all)(in->poses, in->tiled, in->offset, p->S, p->J, p->Q, 0, p->N * p->L, votes,
+                    shift);
 }
 
 /* R_0 of the slots at parent position l: uniform over each child's parents (exact routing:
@@ -312,7 +417,7 @@ static inline REAL NAME(log_sigmoid)(REAL x)
     return x < 0 ? x - log1p(exp(x)) : -log1p(exp(-x));
 }
 
-/* Procedure 1 forward for a chunk of N images (capsules/em.py has the same math in PyTorch ops):
+/* route_forward: Procedure 1 forward for a chunk of N images (capsules/em.py has the same math in PyTorch ops):
  *   votes v = pose @ W (+ offset) of B = N·L blocks into `votes` (B, J, S, 16), their mean per
  *   row into `shift` (B·J, 16); then `iters` M-steps with E-steps between, on x = v − c.
  * a_in (B, S); beta_u, beta_a (J); lambdas (iters) the inverse temperatures;
@@ -327,7 +432,7 @@ static inline REAL NAME(log_sigmoid)(REAL x)
  * tape: NULL, or the 4·iters − 2 buffers route_backward reads (T = iters): Σ w x for each
  * iteration (tape[t], (B·J, 16)), Σ w x² (tape[T + t]), the E-steps' Σ_h x (−2 μ/σ² + x/σ²)
  * (tape[2T + t], (B·J, S), t < T − 1) and the assignments they give (tape[3T − 1 + t]). */
-void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offset,
+static void NAME(forward_impl)(const REAL *poses, const REAL *tiled, const REAL *offset,
                          const REAL *a_in, const REAL *beta_u, const REAL *beta_a,
                          const double *lambdas, int64_t iters, const int64_t *child_index,
                          const REAL *parent_count, int64_t num_children, int64_t N, int64_t L,
@@ -465,6 +570,19 @@ void NAME(route_forward)(const REAL *poses, const REAL *tiled, const REAL *offse
     }
 }
 
+/* route_forward as exported: the arguments of forward_impl, read from the structs. */
+void NAME(route_forward)(const emcaps_problem *p, const emcaps_inputs *in,
+                         const emcaps_forward_buffers *out)
+{
+    NAME(forward_impl)(in->poses, in->tiled, in->offset, in->a_in, in->beta_u, in->beta_a,
+                       p->lambdas, p->iters, in->child_index, in->parent_count,
+                       p->num_children, p->N, p->L, p->S, p->J, p->Q, p->var_floor,
+                       p->sum_floor, p->likelihood_power, out->votes, out->shift,
+                       out->assignments, out->variance, out->log_sigmas, out->slot_a,
+                       out->slot_b, out->child_a, out->child_b, out->poses_out, out->logit_out,
+                       (REAL *const *)out->tape);
+}
+
 /* Per-row quantities of an M-step, recomputed from its taped sums: amount A = Σ_s R a, then
  * as m_finish. */
 static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, const REAL *s1,
@@ -478,7 +596,7 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
     NAME(m_finish)(A, s1, s2, var_floor, sum_floor, div, mean, vraw, var, log_sigma);
 }
 
-/* Backward of route_forward for one chunk, by hand (the same derivatives PyTorch's autograd
+/* route_backward: backward of route_forward for one chunk, by hand (the same derivatives PyTorch's autograd
  * takes through routing.routing_iterations; the tests hold the two equal in float64).
  * Recomputes the votes into `votes`/`shift`; reads the forward's tape; g_poses (B·J, 16) and
  * g_logit (B·J) may be NULL. Writes grad_a (B, S), per-row parts of the β gradients
@@ -492,7 +610,7 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
  * it to the poses and W. wmat: W column-spread (Q = 4: wmat[s, j, c][(r, k)] = W[s, j, k, c])
  * or W itself (Q = 16). Work buffers: rowbuf (B·J, 2·16 + 1), gR (B·J, S), slot (B, S),
  * child (N, C), gp_threads (threads, S, 16). */
-void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offset,
+static void NAME(backward_impl)(const REAL *poses, const REAL *tiled, const REAL *offset,
                           const REAL *a_in, const REAL *beta_u, const REAL *beta_a,
                           const double *lambdas, int64_t iters, const int64_t *child_index,
                           const REAL *parent_count, int64_t num_children, int64_t N, int64_t L,
@@ -719,6 +837,20 @@ void NAME(route_backward)(const REAL *poses, const REAL *tiled, const REAL *offs
             }
         }
     }
+}
+
+/* route_backward as exported: the arguments of backward_impl, read from the structs. */
+void NAME(route_backward)(const emcaps_problem *p, const emcaps_inputs *in,
+                          const emcaps_backward_buffers *b)
+{
+    NAME(backward_impl)(in->poses, in->tiled, in->offset, in->a_in, in->beta_u, in->beta_a,
+                        p->lambdas, p->iters, in->child_index, in->parent_count,
+                        p->num_children, p->N, p->L, p->S, p->J, p->Q, p->var_floor,
+                        p->sum_floor, p->likelihood_power, (const REAL *const *)b->tape,
+                        b->g_poses, b->g_logit, b->votes, b->shift, b->rowbuf, b->grad_assign,
+                        b->slot, b->child, (REAL *const *)b->coefs, b->vcoef, b->constant,
+                        b->grad_a, b->grad_bu, b->grad_ba, b->wmat, b->threads, b->grad_poses,
+                        b->grad_w_threads, b->grad_off_threads, b->gp_threads);
 }
 
 #undef VEC
