@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from emcaps_cli.capsules.geometry import conv_child_map
+from emcaps_cli.routing import active_backend_name
+from emcaps_cli.routing.backend import KernelsUnavailable
+from emcaps_cli.routing.c import ffi
 from emcaps_cli.routing.fused import RoutingSpec, plain_route, route
 
 D = torch.float64
@@ -136,16 +139,16 @@ def test_backward_frees_its_recordings(kernels):
     import gc
     import weakref
 
-    from emcaps_cli.routing import fused
+    from emcaps_cli.routing import torch_backend
 
     alive = []
-    original = fused._RecordingVoteOps.__init__
+    original = torch_backend._RecordingVoteOps.__init__
 
     def tracking_init(self, *args):
         original(self, *args)
         alive.append(weakref.ref(self))
 
-    fused._RecordingVoteOps.__init__ = tracking_init
+    torch_backend._RecordingVoteOps.__init__ = tracking_init
     try:
         inputs, _, spec = problem("matrix", True, False)
         args = [t.clone().requires_grad_(True) for t in inputs]
@@ -154,7 +157,7 @@ def test_backward_frees_its_recordings(kernels):
         del poses, acts
         gc.collect()
     finally:
-        fused._RecordingVoteOps.__init__ = original
+        torch_backend._RecordingVoteOps.__init__ = original
     assert alive and all(ref() is None for ref in alive)
 
 
@@ -167,7 +170,7 @@ def test_chunks_respect_the_vote_budget_and_are_balanced():
 
     def sizes(budget):
         spec = RoutingSpec(3, 0.5, None, 4, 4, budget)
-        return [s.stop - s.start for s in _chunks(poses, transforms, spec)]
+        return [s.stop - s.start for s in _chunks(poses, transforms, spec, 2**24)]
 
     assert sizes(0) == [32]
     assert sizes(25 * per_image) == [16, 16]
@@ -204,34 +207,53 @@ def test_backward_twice_with_retained_graph(kernels):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
-def test_c_kernels_and_pytorch_path_give_the_same_network(kernels):
-    """The whole paper-shaped network (tiny widths), float64: outputs and every gradient."""
+@pytest.fixture(scope="module")
+def tiny_network():
+    """The paper-shaped network (tiny widths) in float64 and a batch of 3 for it."""
     from emcaps_cli.config import ModelConfig, parse_arch
     from emcaps_cli.models import build_model
-    from emcaps_cli.routing.c import ffi
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=parse_arch("8,4,4,4"))).double()
-    x = torch.randn(3, 2, 32, 32, dtype=D)
-    results = []
-    for backend in ("torch", kernels):
-        ffi.set_backend(backend)
-        model.zero_grad()
-        out = model(x)
-        (out * torch.arange(5, dtype=D)).sum().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (o1, g1), (o2, g2) = results
+    return model, torch.randn(3, 2, 32, 32, dtype=D)
+
+
+def outputs_and_gradients(model, x):
+    """The network's outputs and every parameter's gradient of a fixed weighting of them."""
+    model.zero_grad()
+    out = model(x)
+    (out * torch.arange(5, dtype=D)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_whole_network_equals_plain_autograd_routing(kernels, tiny_network, monkeypatch):
+    """Every layer's routing on the backend under test against plain autograd through every
+    op (plain_route, the same math stored step by step): outputs and every gradient."""
+    from emcaps_cli.capsules import layers
+
+    model, x = tiny_network
+    assert active_backend_name() == kernels  # the fast path under test is the one that runs
+    o1, g1 = outputs_and_gradients(model, x)
+    monkeypatch.setattr(layers, "route", plain_route)
+    o2, g2 = outputs_and_gradients(model, x)
     torch.testing.assert_close(o1, o2, atol=1e-12, rtol=0)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
+@pytest.fixture
+def c_kernels():
+    """Skips the test where the C kernels do not build (no C compiler)."""
+    try:
+        ffi.library()
+    except KernelsUnavailable as err:
+        pytest.skip(str(err))
+
+
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("offset", [True, False])
-def test_c_forward_in_float32_agrees_with_the_pytorch_path(exact, offset):
+def test_c_forward_in_float32_agrees_with_the_pytorch_path(exact, offset, c_kernels):
     """float32 runs the C kernels' own vectorised exp; float64 tests above pin the math."""
-    from emcaps_cli.routing.c import ffi
-
     inputs, vote_offset, spec = problem("matrix", exact, offset, images=3)
     inputs = [t.float() for t in inputs]
     vote_offset = None if vote_offset is None else vote_offset.float()
@@ -240,6 +262,7 @@ def test_c_forward_in_float32_agrees_with_the_pytorch_path(exact, offset):
     try:
         for backend in ("torch", "c"):
             ffi.set_backend(backend)
+            assert active_backend_name() == backend
             results.append(route(*inputs, spec, vote_offset))
     finally:
         ffi.set_backend(before)
