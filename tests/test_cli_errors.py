@@ -219,9 +219,9 @@ def test_a_bad_kernels_variable_is_one_error_line(
     from typer.testing import CliRunner
 
     from emcaps_cli.cli import app
-    from emcaps_cli.routing.c import ffi
+    from emcaps_cli.routing import backend
 
-    monkeypatch.setattr(ffi, "_backend", "foo")  # as if EMCAPS_KERNELS=foo
+    monkeypatch.setattr(backend, "_choice", "foo")  # as if EMCAPS_KERNELS=foo
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "none.pt")])
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()

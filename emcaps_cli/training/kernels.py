@@ -1,8 +1,8 @@
 """Which routing kernels a run trains on, as recorded in config.json and every checkpoint.
 
 `--kernels` / EMCAPS_KERNELS choose "auto", "c", "torch" or "triton"; what runs depends on
-the device too (routing/fused.py, `implementation`). The C kernels and the PyTorch ops train
-to different float32 results, so a run resumed on other kernels is not bit-identical.
+the device too (`emcaps_cli.routing.active_backend_name`). The C kernels and the PyTorch ops
+train to different float32 results, so a run resumed on other kernels is not bit-identical.
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ def routing_kernels(model: ModelConfig, device: torch.device) -> str | None:
     without Triton or CUDA)."""
     if model.model != "capsnet":
         return None
-    from emcaps_cli.routing import fused
-    from emcaps_cli.routing.c import ffi
+    from emcaps_cli.routing import active_backend_name
+    from emcaps_cli.routing.backend import KernelsUnavailable, backend
 
-    names = {fused._CVotes: "c", fused._TorchVotes: "torch", fused._TritonVotes: "triton"}
     try:
-        kind = fused.implementation(torch.empty(0, dtype=torch.float32, device=device))
-    except ffi.KernelsUnavailable as exc:
-        raise EmcapsError(f"--kernels {ffi.backend()}: {exc}") from None
-    return names[kind]
+        return active_backend_name(device)
+    except KernelsUnavailable as exc:
+        raise EmcapsError(f"--kernels {backend()}: {exc}") from None
 
 
 def kernels_change(stored: str | None, current: str | None) -> str | None:
