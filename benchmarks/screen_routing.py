@@ -5,7 +5,8 @@ call trains one network once (one seed; differences of a few points are noise) i
 through `emcaps_cli.training.loop.train`, after monkeypatching library internals (`layers.route`,
 `em.m_step`, `em.normalise_assignments`, `torch_backend.routing_iterations`) and handing
 `train` its own `build_model` and `train_batch` (TRAIN_PARTS) to try variants that are mostly
-not options of `emcaps train`. The patches are applied in `main` and never undone: one process per run.
+not options of `emcaps train`. The patches are applied in `main` and never undone: one
+process per run.
 
 Knobs, set with `--set KEY=VALUE` (VALUE parsed as JSON when it can be, else a string) or all
 at once as `--knobs '{...}'`. The defaults are those of the original screen, so a knob dict

@@ -301,17 +301,69 @@ def _child_sum(x_ptr, table_ptr, out_ptr, pairs, C, LS, P: tl.constexpr, BLOCK_C
 
 
 @triton.jit
+def _e_step_gradient(poses_ptr, w_ptr, off_ptr, shift, amount, mean, inv_var, logit,
+                     logits_out_ptr, norm_out_ptr, g_r_next_ptr, g_sum_next_ptr, p, j_idx,
+                     S: tl.constexpr, J: tl.constexpr, Q: tl.constexpr,
+                     HAS_OFFSET: tl.constexpr, BLOCK_S: tl.constexpr, power):  # fmt: skip
+    """dL/dμ, dL/dlogit and dL/dσ² (BJ, 16 / BJ / BJ, 16) of an iteration's M-step outputs
+    through the next E-step, from the next iteration's dL/dR, Σ over every tile."""
+    g_lsum = tl.zeros_like(amount)  # Σ_s dL/dlogits
+    g_qsum = tl.zeros_like(amount)  # Σ_s dL/dquad
+    g_qv = tl.zeros_like(mean)  # Σ_s dL/dquad v
+    g_qv2 = tl.zeros_like(mean)  # Σ_s dL/dquad v²
+    for s0 in range(0, S, BLOCK_S):
+        s_idx = s0 + tl.arange(0, BLOCK_S)
+        v = _votes(poses_ptr, w_ptr, off_ptr, p, s_idx, j_idx, S, J, Q, HAS_OFFSET)
+        v -= shift[:, None, :]
+        g_logits, g_quad = _quad_gradient(
+            v, mean, inv_var, logits_out_ptr, norm_out_ptr, g_r_next_ptr, g_sum_next_ptr,
+            p, s_idx, j_idx, S, J, power,
+        )  # fmt: skip
+        g_lsum += tl.sum(g_logits, axis=1)
+        g_qsum += tl.sum(g_quad, axis=1)
+        g_qv += tl.sum(g_quad[:, :, None] * v, axis=1)
+        g_qv2 += tl.sum(g_quad[:, :, None] * v * v, axis=1)
+    # quad = Σ v² iv − 2 Σ v (μ iv) + Σ μ² iv; logits hold −τ log_norm, ½ Σ log σ² + const
+    g_inv_var = g_qv2 + g_qsum[:, None] * mean * mean - 2.0 * g_qv * mean
+    g_mean = 2.0 * g_qsum[:, None] * mean * inv_var - 2.0 * g_qv * inv_var
+    g_logit = g_lsum * (1.0 / (1.0 + tl.exp(logit)))  # d log σ(x)/dx = σ(−x)
+    g_var = -g_inv_var * inv_var * inv_var - 0.5 * power * g_lsum[:, None] * inv_var
+    return g_mean, g_logit, g_var
+
+
+@triton.jit
+def _m_step_gradient(g_ba_ptr, g_bu_ptr, p, j_idx, J, lam, sum_floor, g_logit, g_var, g_mean,
+                     amount, sum_v, sum_v2, divisor, mean, raw_var, inv_var, log_var_sum,
+                     beta_u):  # fmt: skip
+    """Back through `_m_step`: adds dL/dβ_a and dL/dβ_u to this problem's rows and returns
+    dL/dΣ R a v, dL/dΣ R a v² (BJ, 16 each) and dL/dΣ R a (BJ,)."""
+    j_ok = j_idx < J
+    tl.store(g_ba_ptr + p * J + j_idx, tl.load(g_ba_ptr + p * J + j_idx, mask=j_ok, other=0.0)
+             + lam * g_logit, mask=j_ok)  # fmt: skip
+    g_cost = -lam * g_logit
+    tl.store(g_bu_ptr + p * J + j_idx, tl.load(g_bu_ptr + p * J + j_idx, mask=j_ok, other=0.0)
+             + 16 * g_cost * amount, mask=j_ok)  # fmt: skip
+    g_var += (0.5 * g_cost * amount)[:, None] * inv_var
+    g_amount = g_cost * (16 * beta_u + 0.5 * log_var_sum)
+    g_raw = tl.where(raw_var >= 0.0, g_var, 0.0)
+    g_sum_v2 = g_raw / divisor[:, None]
+    g_mean += -2.0 * mean * g_raw
+    g_sum_v = g_mean / divisor[:, None]
+    g_div = -tl.sum(g_raw * sum_v2 + g_mean * sum_v, axis=1) / (divisor * divisor)
+    g_amount += tl.where(amount >= sum_floor, g_div, 0.0)
+    return g_sum_v, g_sum_v2, g_amount
+
+
+@triton.jit
 def _backward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, init_ptr,
                    logits_in_ptr, norm_in_ptr, shift_ptr, logits_out_ptr, norm_out_ptr,
-                   g_r_next_ptr, g_sum_next_ptr, g_mean_ptr, g_logit_ptr,
-                   g_r_ptr, g_rsum_ptr, g_a_ptr, g_bu_ptr, g_ba_ptr, g_poses_ptr, g_w_ptr,
-                   g_off_ptr, S: tl.constexpr, J: tl.constexpr, L, copies, lam, var_floor,
-                   sum_floor, power,
-                   Q: tl.constexpr, ROWS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                   g_r_next_ptr, g_sum_next_ptr, g_mean_ptr, g_logit_ptr, g_r_ptr, g_rsum_ptr,
+                   g_a_ptr, g_bu_ptr, g_ba_ptr, g_poses_ptr, g_w_ptr, g_off_ptr,
+                   S: tl.constexpr, J: tl.constexpr, L, copies, lam, var_floor, sum_floor,
+                   power, Q: tl.constexpr, ROWS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                    FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK_J: tl.constexpr,
                    BLOCK_S: tl.constexpr):  # fmt: skip
     """The gradient of one iteration of `_forward_step` for routing problem p = program_id.
-
     Seeds: dL/dμ, dL/dlogit of the outputs (last iteration) or the next iteration's dL/dR and
     Σ_parents R dL/dR per slot. Writes dL/dR_t and Σ_j R_t dL/dR_t per slot (unless first),
     adds to dL/da, dL/dβ (per-problem rows), dL/dposes, dL/dW and dL/doffset."""
@@ -342,41 +394,16 @@ def _backward_step(poses_ptr, w_ptr, off_ptr, a_ptr, beta_u_ptr, beta_a_ptr, ini
         g_var = tl.zeros_like(variance)
     else:
         # Pass 2: the E-step's gradient, Σ over the tiles.
-        g_lsum = tl.zeros_like(amount)  # Σ_s dL/dlogits
-        g_qsum = tl.zeros_like(amount)  # Σ_s dL/dquad
-        g_qv = tl.zeros_like(mean)  # Σ_s dL/dquad v
-        g_qv2 = tl.zeros_like(mean)  # Σ_s dL/dquad v²
-        for s0 in range(0, S, BLOCK_S):
-            s_idx = s0 + tl.arange(0, BLOCK_S)
-            v = _votes(poses_ptr, w_ptr, off_ptr, p, s_idx, j_idx, S, J, Q, HAS_OFFSET)
-            v -= shift[:, None, :]
-            g_logits, g_quad = _quad_gradient(
-                v, mean, inv_var, logits_out_ptr, norm_out_ptr, g_r_next_ptr, g_sum_next_ptr,
-                p, s_idx, j_idx, S, J, power,
-            )  # fmt: skip
-            g_lsum += tl.sum(g_logits, axis=1)
-            g_qsum += tl.sum(g_quad, axis=1)
-            g_qv += tl.sum(g_quad[:, :, None] * v, axis=1)
-            g_qv2 += tl.sum(g_quad[:, :, None] * v * v, axis=1)
-        # quad = Σ v² iv − 2 Σ v (μ iv) + Σ μ² iv; logits hold −τ log_norm, ½ Σ log σ² + const
-        g_inv_var = g_qv2 + g_qsum[:, None] * mean * mean - 2.0 * g_qv * mean
-        g_mean = 2.0 * g_qsum[:, None] * mean * inv_var - 2.0 * g_qv * inv_var
-        g_logit = g_lsum * (1.0 / (1.0 + tl.exp(logit)))  # d log σ(x)/dx = σ(−x)
-        g_var = -g_inv_var * inv_var * inv_var - 0.5 * power * g_lsum[:, None] * inv_var
+        g_mean, g_logit, g_var = _e_step_gradient(
+            poses_ptr, w_ptr, off_ptr, shift, amount, mean, inv_var, logit, logits_out_ptr,
+            norm_out_ptr, g_r_next_ptr, g_sum_next_ptr, p, j_idx, S, J, Q, HAS_OFFSET,
+            BLOCK_S, power,
+        )  # fmt: skip
     # The M-step's gradient, on (J, 16) tensors.
-    tl.store(g_ba_ptr + p * J + j_idx, tl.load(g_ba_ptr + p * J + j_idx, mask=j_ok, other=0.0)
-             + lam * g_logit, mask=j_ok)  # fmt: skip
-    g_cost = -lam * g_logit
-    tl.store(g_bu_ptr + p * J + j_idx, tl.load(g_bu_ptr + p * J + j_idx, mask=j_ok, other=0.0)
-             + 16 * g_cost * amount, mask=j_ok)  # fmt: skip
-    g_var += (0.5 * g_cost * amount)[:, None] * inv_var
-    g_amount = g_cost * (16 * beta_u + 0.5 * log_var_sum)
-    g_raw = tl.where(raw_var >= 0.0, g_var, 0.0)
-    g_sum_v2 = g_raw / divisor[:, None]
-    g_mean += -2.0 * mean * g_raw
-    g_sum_v = g_mean / divisor[:, None]
-    g_div = -tl.sum(g_raw * sum_v2 + g_mean * sum_v, axis=1) / (divisor * divisor)
-    g_amount += tl.where(amount >= sum_floor, g_div, 0.0)
+    g_sum_v, g_sum_v2, g_amount = _m_step_gradient(
+        g_ba_ptr, g_bu_ptr, p, j_idx, J, lam, sum_floor, g_logit, g_var, g_mean, amount,
+        sum_v, sum_v2, divisor, mean, raw_var, inv_var, log_var_sum, beta_u,
+    )  # fmt: skip
     # Pass 3: dL/dR, dL/da and the vote gradient of this iteration, tile by tile.
     for s0 in range(0, S, BLOCK_S):
         s_idx = s0 + tl.arange(0, BLOCK_S)
