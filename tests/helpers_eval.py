@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from emcaps_cli.checkpoint import save_checkpoint
-from emcaps_cli.config import ModelConfig
+from emcaps_cli.config import ModelConfig, default_loss
 from emcaps_cli.data.transforms import train_batch
 from emcaps_cli.losses import get_loss
 from emcaps_cli.models import build_model
@@ -74,7 +74,7 @@ def make_checkpoint(
     net = build_model(ModelConfig(model=model, **config))
     if train_steps:
         images, labels, _ = fake_split(100, seed=1)
-        loss_fn = get_loss(loss or ("cross-entropy" if model == "cnn" else "spread"))
+        loss_fn = get_loss(loss or default_loss(model))
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(seed)
         net.train()

@@ -23,6 +23,7 @@ from emcaps_cli.attacks.methods import (
     input_gradient,
 )
 from emcaps_cli.checkpoint import load_model
+from emcaps_cli.config import default_loss
 from emcaps_cli.data.cache import Split
 from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.defaults import DEFAULT_EPS, DEFAULT_STEPS, METHODS
@@ -69,11 +70,11 @@ def parse_eps(text: str) -> tuple[float, ...]:
 
 
 def default_loss_name(ckpt: dict[str, Any]) -> str:
-    """The training loss of a checkpoint; if unset, spread (capsules) or cross-entropy (CNN)."""
+    """The training loss of a checkpoint; if unset, the model's `default_loss`."""
     loss = (ckpt.get("train_config") or {}).get("loss")
     if loss:
         return str(loss)
-    return "cross-entropy" if ckpt["model_config"].get("model") == "cnn" else "spread"
+    return default_loss(ckpt["model_config"].get("model", "capsnet"))
 
 
 @dataclass

@@ -178,17 +178,18 @@ def kernels_option() -> Any:
 
 def use_kernels(choice: Kernels | str | None) -> None:
     """Apply --kernels (or check $EMCAPS_KERNELS): a bad value is a one-line error."""
+    from emcaps_cli.routing.backend import KernelsUnavailable, backend, set_backend
     from emcaps_cli.routing.c import ffi
 
     try:
         if choice is not None:
-            ffi.set_backend(choice.value if isinstance(choice, Kernels) else choice)
-        if ffi.backend() == "c":
+            set_backend(choice.value if isinstance(choice, Kernels) else choice)
+        if backend() == "c":
             ffi.library()  # build now: a failure is an error before any work starts
-        if ffi.backend() == "triton":
+        if backend() == "triton":
             _import_triton()
-    except ffi.KernelsUnavailable as exc:
-        raise EmcapsError(f"--kernels {ffi.backend()}: {exc}") from None
+    except KernelsUnavailable as exc:
+        raise EmcapsError(f"--kernels {backend()}: {exc}") from None
     except ValueError as exc:  # a value (or $EMCAPS_KERNELS) that names no backend
         raise typer.BadParameter(str(exc), param_hint="--kernels") from None
 
@@ -198,12 +199,12 @@ def _import_triton() -> None:
     front, not at the first routing call."""
     import torch
 
-    from emcaps_cli.routing import fused
-    from emcaps_cli.routing.c import ffi
+    from emcaps_cli.routing.backend import KernelsUnavailable
+    from emcaps_cli.routing.triton_backend import interpreting
 
-    if not torch.cuda.is_available() and not fused.interpreting():
-        raise ffi.KernelsUnavailable("the Triton kernels need a CUDA GPU, and none is here")
+    if not torch.cuda.is_available() and not interpreting():
+        raise KernelsUnavailable("the Triton kernels need a CUDA GPU, and none is here")
     try:
         from emcaps_cli.routing import triton_kernels  # noqa: F401
     except ImportError as err:
-        raise ffi.KernelsUnavailable(f"Triton is not importable ({err})") from None
+        raise KernelsUnavailable(f"Triton is not importable ({err})") from None

@@ -20,7 +20,7 @@ from emcaps_cli.cli._common import (
     progress_display,
     use_kernels,
 )
-from emcaps_cli.config import DEFAULT_LR, TrainConfig
+from emcaps_cli.config import DEFAULT_LOSS, DEFAULT_LR, TrainConfig
 from emcaps_cli.defaults import (
     Choice,
     Kernels,
@@ -188,7 +188,7 @@ LOSS = typer.Option(
     None,
     "--loss",
     help="Training loss (section 3: spread; or margin, cross-entropy).",
-    show_default="spread for capsnet, cross-entropy for cnn",
+    show_default=", ".join(f"{loss} for {model}" for model, loss in DEFAULT_LOSS.items()),
 )
 EPOCHS = typer.Option(
     DEFAULT.epochs, "--epochs", help="Total epochs (passes over the training set)."
@@ -325,7 +325,9 @@ def train_command(
     json_out: bool = json_option(),
 ) -> None:
     """Train on the smallNORB cache; write checkpoints, metrics and curves to RUN_DIR."""
-    from emcaps_cli.training.loop import TrainingInterrupted, resume_config, train
+    from emcaps_cli.training.loop import train
+    from emcaps_cli.training.signals import TrainingInterrupted
+    from emcaps_cli.training.state import resume_config
 
     use_kernels(kernels)
     if resume:
