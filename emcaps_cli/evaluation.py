@@ -84,7 +84,8 @@ def predict_scores(
     """
     device = next(model.parameters()).device
     channels = model_channels(model)
-    offsets = multicrop_offsets(images.shape[-1]) if multicrop else [None]
+    size = int(model.config.input_size)  # the crop the network was built for
+    offsets = multicrop_offsets(images.shape[-1], size) if multicrop else [None]
     out = []
     for sl in batch_slices(len(images), batch_size):
         if device.type == "cpu":
@@ -92,7 +93,8 @@ def predict_scores(
         batch = torch.from_numpy(np.ascontiguousarray(images[sl])).to(device)
         total = None
         for offset in offsets:
-            scores = class_scores(model, eval_batch(batch, channels, offset=offset))  # (B, K)
+            x = eval_batch(batch, channels, size=size, offset=offset)  # (B, C, size, size)
+            scores = class_scores(model, x)  # (B, K)
             if multicrop and model.score_kind == "logit":
                 scores = scores.softmax(dim=1)
             total = scores if total is None else total + scores
@@ -172,5 +174,6 @@ def evaluate_model(
     scores = predict_scores(model, data.images, batch_size, multicrop, progress)
     result = summarize(scores.argmax(dim=1).numpy(), data.labels, data.info, split)
     result["multicrop"] = multicrop
-    result["crops"] = len(multicrop_offsets(data.images.shape[-1])) if multicrop else 1
+    size = int(model.config.input_size)
+    result["crops"] = len(multicrop_offsets(data.images.shape[-1], size)) if multicrop else 1
     return result

@@ -103,7 +103,9 @@ class LinearScores(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight)  # (K, C*32*32)
         self.bias = nn.Parameter(bias)  # (K,)
-        self.config = SimpleNamespace(channels=channels, num_classes=weight.shape[0], model="lin")
+        self.config = SimpleNamespace(
+            channels=channels, num_classes=weight.shape[0], model="lin", input_size=32
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.weight.T + self.bias  # (N, K)
@@ -120,7 +122,7 @@ class OvershootBump(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.unused = nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(channels=2, num_classes=5, model="bump")
+        self.config = SimpleNamespace(channels=2, num_classes=5, model="bump", input_size=32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean(dim=(1, 2, 3))  # (N,)

@@ -11,6 +11,7 @@ import torch
 from helpers_eval import shared_files, write_malicious_checkpoint
 
 from emcaps_cli.checkpoint import load_model
+from emcaps_cli.config import ModelConfig
 from emcaps_cli.data.transforms import eval_batch, multicrop_offsets
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.evaluation import (
@@ -20,6 +21,7 @@ from emcaps_cli.evaluation import (
     predict_scores,
     summarize,
 )
+from emcaps_cli.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,17 @@ def test_multicrop_averages_softmax_over_the_five_crops(files: dict[str, Path]) 
     torch.testing.assert_close(predict_scores(model, data.images, 3, multicrop=True), expected)
     torch.testing.assert_close(predict_scores(model, data.images, 3), centre)
     assert evaluate_model(model, data, multicrop=True)["crops"] == 5
+
+
+def test_evaluation_crops_to_the_networks_input_size(files: dict[str, Path]) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="cnn", input_size=40)).eval()
+    data = load_test_images(files["cache"], limit=4)
+    images = torch.from_numpy(data.images)
+    with torch.no_grad():
+        centre = model(eval_batch(images, 2, size=40))  # (4, 5)
+    torch.testing.assert_close(predict_scores(model, data.images, 3), centre)
+    assert evaluate_model(model, data, multicrop=True)["crops"] == len(multicrop_offsets(48, 40))
 
 
 def test_trained_model_beats_chance_and_limit_takes_evenly_spaced_images(

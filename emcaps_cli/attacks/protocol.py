@@ -285,7 +285,8 @@ def run_attack(
     for sl in batch_slices(len(data), batch_size):
         if device.type == "cpu":
             keep_fair()  # threads sized to the CPUs other processes leave free
-        x = eval_batch(torch.from_numpy(data.images[sl]).to(device), attacker.channels)
+        images = torch.from_numpy(data.images[sl]).to(device)
+        x = eval_batch(images, attacker.channels, size=int(attacker.model.config.input_size))
         y = torch.from_numpy(data.labels[sl]).to(device)
         _attack_batch(attacker, victims, settings, targets, x, y, tally, progress)
     seconds = time.perf_counter() - start
