@@ -25,6 +25,8 @@ have moved since: lr 3e-4 for the CNN, var_floor 0.1):
   limit_test     test on a random subset of this many images (also --limit-test)
   noaug          train on centre crops, as for testing (TrainConfig augment=False)
   aug_crop_only  augment with the random crop only, without brightness and contrast
+  augment_warmup epochs over which the augmentation grows from none (TrainConfig's field;
+                 default 0, full from the first step, as the original screen)
   var_floor      added to every σ² of the M-step, set on each layer's RoutingSpec (default 1e-4)
   lambda         λ_max of every routing layer (default: the model's final_lambda, 0.01)
   conv_lambda    λ_max of the two conv-capsule layers (over `lambda`)
@@ -132,6 +134,7 @@ DEFAULTS: Knobs = {
     "seed": 0,
     "var_floor": 1e-4,
     "likelihood_power": 1.0,
+    "augment_warmup": 0.0,
 }
 KNOBS = frozenset(DEFAULTS) | {
     "loss", "limit_train", "limit_test", "noaug", "aug_crop_only",
@@ -147,6 +150,7 @@ TORCH_ONLY = ("detach_r", "early", "centre", "relfloor")
 CAPSNET_ONLY = KNOBS - {
     "model", "arch", "iters", "epochs", "lr", "lr_decay", "batch", "seed", "loss",
     "limit_train", "limit_test", "noaug", "aug_crop_only", "kernels", "lr_warm",
+    "augment_warmup",
 }  # fmt: skip
 FLAG_KNOBS = ("epochs", "limit_train", "limit_test")  # knobs that have a flag of their own
 DIAG_IMAGES = 64  # first test images of the activation summary
@@ -258,6 +262,7 @@ def train_config(knobs: Knobs, data: Path, out: Path) -> TrainConfig:
         limit_train=knobs.get("limit_train"),
         limit_test=knobs.get("limit_test"),
         augment=not knobs.get("noaug"),
+        augment_warmup=knob(knobs, "augment_warmup"),
     )
 
 
