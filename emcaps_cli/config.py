@@ -48,6 +48,7 @@ class ModelConfig:
     routing         "exact": a child's assignments are normalised over every parent whose receptive
                     field holds it (section 4); "patch": each K x K patch routed on its own
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
+    conv_final_lambda  λ_max of the two conv-capsule layers; None: final_lambda (docs/model.md)
     var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
     likelihood_power τ of the E-step: R_ij ∝ a_j p_ij^τ; 1 is Procedure 1, τ < 1 tempers the
                     assignments (docs/model.md)
@@ -63,6 +64,7 @@ class ModelConfig:
     channels: int = 2
     routing: str = "exact"
     final_lambda: float = 0.01
+    conv_final_lambda: float | None = None
     var_floor: float = 0.1
     likelihood_power: float = 0.1
     parametrisation: str = "paper"
@@ -85,6 +87,10 @@ class ModelConfig:
             raise EmcapsError(f"--arch {self.arch}: expected four positive integers A,B,C,D")
         if self.iters < 1:
             raise EmcapsError(f"--iters {self.iters}: need at least one routing iteration")
+        for name, value in (("final-lambda", self.final_lambda),
+                            ("conv-final-lambda", self.conv_final_lambda)):  # fmt: skip
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise EmcapsError(f"--{name} {value}: expected a positive number")
         if not (math.isfinite(self.var_floor) and self.var_floor > 0):
             raise EmcapsError(f"--var-floor {self.var_floor}: expected a positive number")
         if not (math.isfinite(self.likelihood_power) and self.likelihood_power > 0):

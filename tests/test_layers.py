@@ -6,6 +6,7 @@ import torch
 from emcaps_cli.capsules.geometry import patch_positions, receptive_field_centres
 from emcaps_cli.capsules.layers import ClassCaps, ConvCaps, PrimaryCaps
 from emcaps_cli.config import ModelConfig
+from emcaps_cli.errors import EmcapsError
 from emcaps_cli.models import build_model, count_parameters
 
 D = torch.float64
@@ -111,3 +112,17 @@ def test_network_trains_after_running_under_inference_mode(kernels):
         model(x)
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
+    config = ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=0.3)
+    net = build_model(config)
+    assert (net.conv_caps1.final_lambda, net.conv_caps2.final_lambda) == (0.3, 0.3)
+    assert net.class_caps.final_lambda == config.final_lambda == 0.01
+    default = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2))
+    assert default.conv_caps1.final_lambda == 0.01
+    old = config.to_dict()
+    del old["conv_final_lambda"]  # configs written before the field existed
+    assert ModelConfig.from_dict(old).conv_final_lambda is None
+    with pytest.raises(EmcapsError, match="--conv-final-lambda"):
+        ModelConfig(conv_final_lambda=0.0)

@@ -48,6 +48,13 @@ FINAL_LAMBDA = typer.Option(
     "--final-lambda",
     help="λ_max of the inverse-temperature schedule λ_t = λ_max(1−0.95^(t+1)).",
 )
+CONV_FINAL_LAMBDA = typer.Option(
+    DEFAULT.conv_final_lambda,
+    "--conv-final-lambda",
+    help="λ_max of the two conv-capsule layers only (the class layer keeps --final-lambda); "
+    "a larger value lets their activations spread (docs/model.md).",
+    show_default="--final-lambda",
+)
 VAR_FLOOR = typer.Option(
     DEFAULT.var_floor,
     "--var-floor",

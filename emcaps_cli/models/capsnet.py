@@ -39,8 +39,11 @@ class CapsNet(nn.Module):
         )
         self.conv1 = nn.Conv2d(config.channels, a, kernel_size=5, stride=2)
         self.primary_caps = PrimaryCaps(a, b)
-        self.conv_caps1 = ConvCaps(b, c, kernel=3, stride=2, routing=config.routing, **common)
-        self.conv_caps2 = ConvCaps(c, d, kernel=3, stride=1, routing=config.routing, **common)
+        conv = dict(common, routing=config.routing)
+        if config.conv_final_lambda is not None:
+            conv["final_lambda"] = config.conv_final_lambda
+        self.conv_caps1 = ConvCaps(b, c, kernel=3, stride=2, **conv)
+        self.conv_caps2 = ConvCaps(c, d, kernel=3, stride=1, **conv)
         self.class_caps = ClassCaps(d, config.num_classes, coord_add=config.coord_add, **common)
         # Coordinate Addition: receptive-field centres of the last grid, divided by the image
         # side so they lie in (0, 1).
