@@ -24,7 +24,7 @@ from emcaps_cli.defaults import (
 from emcaps_cli.errors import EmcapsError
 
 # Values of later fields for configs (checkpoints) written before the field existed.
-LEGACY_DEFAULTS = {"var_floor": 1e-4, "likelihood_power": 1.0}
+LEGACY_DEFAULTS = {"var_floor": 1e-4, "likelihood_power": 1.0, "conv_final_lambda": None}
 
 
 def _check_known_keys(cls: type, d: dict[str, Any], what: str) -> None:
@@ -48,7 +48,8 @@ class ModelConfig:
     routing         "exact": a child's assignments are normalised over every parent whose receptive
                     field holds it (section 4); "patch": each K x K patch routed on its own
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
-    conv_final_lambda  λ_max of the two conv-capsule layers; None: final_lambda (docs/model.md)
+    conv_final_lambda  λ_max of the two conv-capsule layers; None: final_lambda, as the paper
+                    (docs/model.md)
     var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
     likelihood_power τ of the E-step: R_ij ∝ a_j p_ij^τ; 1 is Procedure 1, τ < 1 tempers the
                     assignments (docs/model.md)
@@ -64,7 +65,7 @@ class ModelConfig:
     channels: int = 2
     routing: str = "exact"
     final_lambda: float = 0.01
-    conv_final_lambda: float | None = None
+    conv_final_lambda: float | None = 0.3
     var_floor: float = 0.1
     likelihood_power: float = 0.1
     parametrisation: str = "paper"

@@ -52,8 +52,8 @@ CONV_FINAL_LAMBDA = typer.Option(
     DEFAULT.conv_final_lambda,
     "--conv-final-lambda",
     help="λ_max of the two conv-capsule layers only (the class layer keeps --final-lambda); "
-    "a larger value lets their activations spread (docs/model.md).",
-    show_default="--final-lambda",
+    "above --final-lambda it lets their activations spread; the value of --final-lambda is "
+    "the paper's single schedule (docs/model.md).",
 )
 VAR_FLOOR = typer.Option(
     DEFAULT.var_floor,
