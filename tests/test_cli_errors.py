@@ -75,6 +75,8 @@ def test_ctrl_c_during_start_up_is_one_line(files: dict[str, Path]) -> None:
         "def interrupted(name):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "device.resolve_device = interrupted\n"
+        # as in a terminal: a shell's background job may have inherited SIGINT as ignored
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"sys.argv = ['emcaps', 'evaluate', {str(files['cnn'])!r}, '--data', "
         f"{str(files['cache'])!r}]\n"
         "main()\n"
