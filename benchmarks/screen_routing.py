@@ -63,7 +63,7 @@ have moved since: lr 3e-4 for the CNN, var_floor 0.1):
   iters_final    where `warm` stops (default: iters)
 
 detach_r, early, centre and relfloor patch the PyTorch routing code, which the C kernels never
-run: they switch `emcaps_cli.routing.c.ffi.set_backend("torch")` (4-7x slower on the
+run: they switch `emcaps_cli.routing.c.routing_backend.set_backend("torch")` (4-7x slower on the
 CPU: 110-220 s against ~30 s a run in the screen) and refuse kernels="c". The route patch
 (λ, β, massnorm, var_floor) works on both backends. The capsule-health statistics in the run's
 metrics.jsonl recompute each layer's routing from its own RoutingSpec: they see the M-step and
@@ -111,8 +111,8 @@ from emcaps_cli.data import transforms
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.models import build_model
+from emcaps_cli.routing import backend as routing_backend
 from emcaps_cli.routing import torch_backend
-from emcaps_cli.routing.c import ffi
 from emcaps_cli.training import loop
 from emcaps_cli.training.data import config_split
 from emcaps_cli.training.rundir import METRICS_JSONL
@@ -215,7 +215,7 @@ def check_knobs(knobs: Knobs) -> None:
     unknown = sorted(set(knobs) - KNOBS)
     if unknown:
         raise ScreenError(f"unknown knob(s) {', '.join(unknown)}; see the module doc")
-    if knobs.get("kernels", "auto") not in ffi.BACKENDS:
+    if knobs.get("kernels", "auto") not in routing_backend.BACKENDS:
         raise ScreenError(f"kernels={knobs['kernels']}: expected one of c, torch, auto")
     if knobs.get("detach_r", False) not in (True, False, "conv"):  # 0 and 1 compare equal
         raise ScreenError(f'detach_r={knobs["detach_r"]}: expected true, false or "conv"')
@@ -272,9 +272,9 @@ def train_config(knobs: Knobs, data: Path, out: Path) -> TrainConfig:
 def select_kernels(knobs: Knobs) -> None:
     """The torch routing for the patches the C kernels cannot see, else kernels= if given."""
     if any(knobs.get(k) for k in TORCH_ONLY):
-        ffi.set_backend("torch")
+        routing_backend.set_backend("torch")
     elif "kernels" in knobs:
-        ffi.set_backend(knobs["kernels"])
+        routing_backend.set_backend(knobs["kernels"])
 
 
 def patch_route(knobs: Knobs) -> None:

@@ -90,17 +90,18 @@ def single_thread():
 @pytest.fixture(params=["c", "torch"])
 def kernels(request):
     """Routes through the C kernels ("c") or PyTorch ops only ("torch"), then restores."""
+    from emcaps_cli.routing import backend as routing_backend
     from emcaps_cli.routing.c import ffi
 
     if request.param == "c":
         try:
             ffi.library()
-        except ffi.KernelsUnavailable as err:  # no C compiler on this machine
+        except routing_backend.KernelsUnavailable as err:  # no C compiler on this machine
             pytest.skip(str(err))
-    before = ffi.backend()
-    ffi.set_backend(request.param)
+    before = routing_backend.backend()
+    routing_backend.set_backend(request.param)
     yield request.param
-    ffi.set_backend(before)
+    routing_backend.set_backend(before)
 
 
 # --- the real `emcaps` command in a subprocess ------------------------------------------------

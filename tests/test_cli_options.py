@@ -38,9 +38,9 @@ def test_typed_choices_reach_the_config_as_plain_values() -> None:
 
 
 def test_kernel_choices_are_the_routing_backends() -> None:
-    from emcaps_cli.routing.c import ffi
+    from emcaps_cli.routing import backend as routing_backend
 
-    assert set(values(Kernels)) == set(ffi.BACKENDS)
+    assert set(values(Kernels)) == set(routing_backend.BACKENDS)
 
 
 def test_loss_choices_are_the_losses() -> None:

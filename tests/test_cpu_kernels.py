@@ -13,6 +13,7 @@ import torch
 from emcaps_cli.capsules.votes import compute_votes
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.routing import active_backend_name, select
+from emcaps_cli.routing import backend as routing_backend
 from emcaps_cli.routing.backend import KernelsUnavailable, UnknownBackend
 from emcaps_cli.routing.c import build, ffi
 
@@ -74,9 +75,9 @@ def fresh_state(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_library", None)
     monkeypatch.setattr(build, "_failure", None)
     monkeypatch.setattr(select, "_warned", set())
-    before = ffi.backend()
+    before = routing_backend.backend()
     yield tmp_path
-    ffi.set_backend(before)
+    routing_backend.set_backend(before)
 
 
 def test_build_is_cached_by_source_compiler_and_cpu(fresh_state):
@@ -133,10 +134,10 @@ def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(
 ):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     x = torch.zeros(1)
-    ffi.set_backend("c")
+    routing_backend.set_backend("c")
     with pytest.raises(KernelsUnavailable, match="no C compiler found"):
         select.resolve(x)
-    ffi.set_backend("auto")
+    routing_backend.set_backend("auto")
     with pytest.warns(UserWarning, match="using the slower PyTorch routing kernels") as record:
         assert select.resolve(x).name == "torch"
         assert active_backend_name() == "torch"
@@ -146,23 +147,23 @@ def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(
 
 def test_backend_choice():
     x = torch.zeros(1)
-    before = ffi.backend()
+    before = routing_backend.backend()
     try:
-        ffi.set_backend("torch")
+        routing_backend.set_backend("torch")
         assert select.resolve(x).name == active_backend_name() == "torch"
-        ffi.set_backend("c")
+        routing_backend.set_backend("c")
         assert select.resolve(x).name == active_backend_name("cpu") == "c"
         with pytest.raises(KernelsUnavailable, match="float32 or float64"):
             select.resolve(x.bfloat16())
-        ffi.set_backend("auto")
+        routing_backend.set_backend("auto")
         assert select.resolve(x).name == "c"
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # another dtype is no reason to warn
             assert select.resolve(x.bfloat16()).name == "torch"
     finally:
-        ffi.set_backend(before)
+        routing_backend.set_backend(before)
     with pytest.raises(UnknownBackend, match="auto, c, torch"):
-        ffi.set_backend("cuda")
+        routing_backend.set_backend("cuda")
 
 
 def test_kernel_errors_are_the_errors_the_command_line_reports():
@@ -202,9 +203,9 @@ def test_routing_gradients_agree_on_one_and_two_threads():
     spec = RoutingSpec(3, 0.5, conv_child_map(4, 4, 3, 1, 2), 4, 4)
     grads = []
     threads = torch.get_num_threads()
-    before = ffi.backend()
+    before = routing_backend.backend()
     try:
-        ffi.set_backend("c")
+        routing_backend.set_backend("c")
         for count in (1, 2):
             torch.set_num_threads(count)
             leaves = [t.clone().requires_grad_(True) for t in (poses, transforms, acts)]
@@ -213,7 +214,7 @@ def test_routing_gradients_agree_on_one_and_two_threads():
             grads.append([t.grad for t in leaves])
     finally:
         torch.set_num_threads(threads)
-        ffi.set_backend(before)
+        routing_backend.set_backend(before)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 

@@ -7,6 +7,7 @@ import torch
 
 from emcaps_cli.capsules.geometry import conv_child_map
 from emcaps_cli.routing import active_backend_name
+from emcaps_cli.routing import backend as routing_backend
 from emcaps_cli.routing.backend import KernelsUnavailable
 from emcaps_cli.routing.c import ffi
 from emcaps_cli.routing.fused import RoutingSpec, plain_route, route
@@ -258,14 +259,14 @@ def test_c_forward_in_float32_agrees_with_the_pytorch_path(exact, offset, c_kern
     inputs = [t.float() for t in inputs]
     vote_offset = None if vote_offset is None else vote_offset.float()
     results = []
-    before = ffi.backend()
+    before = routing_backend.backend()
     try:
         for backend in ("torch", "c"):
-            ffi.set_backend(backend)
+            routing_backend.set_backend(backend)
             assert active_backend_name() == backend
             results.append(route(*inputs, spec, vote_offset))
     finally:
-        ffi.set_backend(before)
+        routing_backend.set_backend(before)
     (p1, a1), (p2, a2) = results
     torch.testing.assert_close(p2, p1, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(a2, a1, atol=2e-6, rtol=1e-5)

@@ -21,6 +21,7 @@ from emcaps_cli.data.viewpoints import familiar_mask
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
 from emcaps_cli.models import build_model
+from emcaps_cli.routing import backend as routing_backend
 from emcaps_cli.training.data import epoch_permutation, split_indices
 from emcaps_cli.training.loop import TrainingInterrupted, resume_config, train
 from emcaps_cli.utils.reporter import Reporter
@@ -278,9 +279,9 @@ class Notes(Reporter):
 def restore_kernels():
     from emcaps_cli.routing.c import ffi
 
-    before = ffi.backend()
+    before = routing_backend.backend()
     yield ffi
-    ffi.set_backend(before)
+    routing_backend.set_backend(before)
 
 
 def test_the_routing_kernels_are_recorded_and_a_resume_on_others_is_named(
@@ -289,7 +290,7 @@ def test_the_routing_kernels_are_recorded_and_a_resume_on_others_is_named(
     ffi = restore_kernels
     try:
         ffi.library()
-    except ffi.KernelsUnavailable as err:  # no C compiler on this machine
+    except routing_backend.KernelsUnavailable as err:  # no C compiler on this machine
         pytest.skip(str(err))
     cache = make_cache(tmp_path / "c.h5", n_train=40, n_test=10)
     capsnet = ModelConfig(model="capsnet", arch=(8, 4, 4, 4), iters=1)
@@ -299,11 +300,11 @@ def test_the_routing_kernels_are_recorded_and_a_resume_on_others_is_named(
         config = json.loads((run / "config.json").read_text())
         return config["kernels"], torch.load(run / "last.pt", weights_only=True)["kernels"]
 
-    ffi.set_backend("torch")
+    routing_backend.set_backend("torch")
     train(cnn_config(cache, run, model=capsnet, batch_size=16, diagnostics=False))
     assert recorded() == ("torch", "torch")
 
-    ffi.set_backend("c")
+    routing_backend.set_backend("c")
     notes = Notes()
     train(resume_config(run, epochs=2), resume=True, reporter=notes)
     assert recorded() == ("c", "c")
@@ -314,7 +315,7 @@ def test_the_routing_kernels_are_recorded_and_a_resume_on_others_is_named(
     old = load_checkpoint(run / "last.pt")
     del old["kernels"]
     save_checkpoint(run / "last.pt", old)
-    ffi.set_backend("torch")
+    routing_backend.set_backend("torch")
     notes = Notes()
     train(resume_config(run, epochs=3), resume=True, reporter=notes)
     assert recorded() == ("torch", "torch") and notes.notes == []
@@ -325,7 +326,7 @@ def test_kernels_that_cannot_run_are_refused_before_training(
 ) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
-    restore_kernels.set_backend("triton")
+    routing_backend.set_backend("triton")
     capsnet = ModelConfig(model="capsnet", arch=(8, 4, 4, 4), iters=1)
     with pytest.raises(EmcapsError, match="--kernels triton: "):
         train(cnn_config(cache, tmp_path / "run", model=capsnet))

@@ -25,8 +25,8 @@ except ImportError as err:  # the dev extra installs it
 from emcaps_cli.capsules.geometry import conv_child_map  # noqa: E402
 from emcaps_cli.capsules.layers import ClassCaps  # noqa: E402
 from emcaps_cli.routing import active_backend_name, select, triton_kernels  # noqa: E402
+from emcaps_cli.routing import backend as routing_backend  # noqa: E402
 from emcaps_cli.routing.backend import KernelsUnavailable  # noqa: E402
-from emcaps_cli.routing.c import ffi  # noqa: E402
 from emcaps_cli.routing.fused import RoutingSpec, plain_route, route  # noqa: E402
 from emcaps_cli.routing.triton_backend import triton_unavailable  # noqa: E402
 
@@ -48,10 +48,10 @@ if not ON_GPU and not INTERPRETED:
 
 @pytest.fixture(autouse=True)
 def triton_backend():
-    before = ffi.backend()
-    ffi.set_backend("triton")
+    before = routing_backend.backend()
+    routing_backend.set_backend("triton")
     yield
-    ffi.set_backend(before)
+    routing_backend.set_backend(before)
 
 
 def conv_problem(pose, exact, offset, iters, images=2, seed=0, dtype=D, power=1.0):
@@ -233,7 +233,7 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
 
 def test_auto_takes_triton_on_cuda_and_warns_once_when_it_cannot(monkeypatch):
     cuda_like = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
-    ffi.set_backend("auto")
+    routing_backend.set_backend("auto")
     if not ON_GPU:
         monkeypatch.setattr(select, "triton_unavailable", lambda like: None)
     assert select.resolve(cuda_like).name == "triton"
@@ -253,7 +253,7 @@ def test_kernels_option_takes_triton_and_refuses_it_without_a_gpu(monkeypatch):
     from emcaps_cli.errors import EmcapsError
 
     use_kernels("triton")  # the interpreter (or a GPU) is here
-    assert ffi.backend() == "triton" and active_backend_name(DEVICE) == "triton"
+    assert routing_backend.backend() == "triton" and active_backend_name(DEVICE) == "triton"
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(EmcapsError, match="--kernels triton: .*need a CUDA GPU"):
@@ -290,7 +290,7 @@ def test_paper_shaped_network_on_triton_equals_the_pytorch_path():
     x = torch.randn(4, 2, 32, 32, device=DEVICE)
     results = []
     for backend in ("torch", "triton"):
-        ffi.set_backend(backend)
+        routing_backend.set_backend(backend)
         model.zero_grad()
         out = model(x)
         (out * torch.arange(5, device=DEVICE)).sum().backward()

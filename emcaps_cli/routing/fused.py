@@ -27,7 +27,6 @@ from emcaps_cli.capsules.votes import compute_votes
 from emcaps_cli.routing.backend import Chunk, RoutingBackend
 from emcaps_cli.routing.select import resolve
 from emcaps_cli.routing.spec import RoutingSpec
-from emcaps_cli.routing.triton_backend import interpreting  # noqa: F401  (the CLI reads it here)
 
 __all__ = ["RoutingSpec", "plain_route", "route"]
 

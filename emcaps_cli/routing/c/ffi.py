@@ -24,7 +24,6 @@ from emcaps_cli.capsules.votes import POSE_SIZE
 
 # The backend choice lives in routing/backend.py; these names stay importable from here for the
 # command line and the benchmarks, which import them from this module.
-from emcaps_cli.routing.backend import BACKENDS, KernelsUnavailable, backend, set_backend  # noqa: F401
 from emcaps_cli.routing.c import build
 
 _i64, _f64, _ptr_t = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
