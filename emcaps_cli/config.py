@@ -139,7 +139,7 @@ def parse_arch(text: str) -> tuple[int, int, int, int]:
 
 
 # What runs written before a TrainConfig field existed used (their config.json lacks it).
-TRAIN_LEGACY_DEFAULTS = {"augment_warmup": 0.0}
+TRAIN_LEGACY_DEFAULTS = {"augment_warmup": 0.0, "ema_decay": 0.0}
 
 # Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
 DEFAULT_LR = {"capsnet": 2e-2, "cnn": 3e-4}
@@ -162,6 +162,9 @@ class TrainConfig:
                     the centre crop, as for testing
     augment_warmup  epochs over which the augmentation's ranges grow linearly from none to
                     full (0: full from the first step, as the paper; docs/training.md)
+    ema_decay       decay of an exponential moving average of the weights, which evaluation,
+                    best.pt and last.pt's network use (training/averaging.py); 0: off, the
+                    network is evaluated with its raw weights (docs/training.md)
     diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
     """
 
@@ -186,6 +189,7 @@ class TrainConfig:
     limit_test: int | None = None
     augment: bool = True
     augment_warmup: float = 5.0
+    ema_decay: float = 0.98
     diagnostics: bool = True
 
     def __post_init__(self) -> None:
@@ -203,6 +207,10 @@ class TrainConfig:
             (
                 math.isfinite(self.augment_warmup) and self.augment_warmup >= 0,
                 f"--augment-warmup {self.augment_warmup}: expected epochs >= 0",
+            ),
+            (
+                0 <= self.ema_decay < 1,
+                f"--ema-decay {self.ema_decay}: expected 0 <= decay < 1 (0: off)",
             ),
             (
                 0 <= self.validation_fraction < 1,

@@ -266,6 +266,13 @@ AUGMENT_WARMUP = typer.Option(
     help="Epochs over which the augmentation grows linearly from none (centre crop) to the "
     "full ranges; 0: full from the first step, as the paper.",
 )
+EMA_DECAY = typer.Option(
+    DEFAULT.ema_decay,
+    "--ema-decay",
+    metavar="D",
+    help="Evaluate (and save in best.pt / last.pt) an exponential moving average of the "
+    "weights, w̄ <- D·w̄ + (1-D)·w after every step; 0: off, the raw weights.",
+)
 DIAGNOSTICS = typer.Option(
     DEFAULT.diagnostics,
     "--diagnostics/--no-diagnostics",
@@ -323,6 +330,7 @@ def train_command(
     limit_test: int | None = LIMIT_TEST,
     augment: bool = AUGMENT,
     augment_warmup: float = AUGMENT_WARMUP,
+    ema_decay: float = EMA_DECAY,
     diagnostics: bool = DIAGNOSTICS,
     json_out: bool = json_option(),
 ) -> None:

@@ -39,6 +39,7 @@ from emcaps_cli.data.transforms import eval_batch, train_batch
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
 from emcaps_cli.models import build_model, count_parameters
+from emcaps_cli.training.averaging import WeightAverage
 from emcaps_cli.training.data import (
     DeviceData,
     LabelledImages,
@@ -117,6 +118,7 @@ class _Run:
     schedule: Schedule
     progress: Progress
     kernels: str | None  # the routing kernels this process trains on
+    average: WeightAverage | None  # the weights evaluated and saved, when --ema-decay > 0
     health_batch: tuple[torch.Tensor, torch.Tensor] | None  # (images, labels)
 
     @property
@@ -134,7 +136,14 @@ class _Run:
             self.progress,
             self.ctx.world,
             self.kernels,
+            self.average,
         )
+
+    def evaluated(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which the network holds the weights a run is evaluated with."""
+        if self.average is None:
+            return contextlib.nullcontext()
+        return self.average.applied(self.model)
 
 
 @dataclass(frozen=True)
@@ -237,8 +246,9 @@ def _start(
     seed_rngs(config.seed, ctx.rank, augment)
     kernels = routing_kernels(config.model, device)
     progress = Progress()
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     if checkpoint is not None:
-        progress = restore_progress(checkpoint, model, optimizer, ctx.main)
+        progress = restore_progress(checkpoint, model, optimizer, ctx.main, average)
         run_dir = Path(config.out)
         restore_rng(checkpoint, progress, config.seed, ctx, augment, device, run_dir, reporter)
         if note := kernels_change(checkpoint.get("kernels"), kernels):
@@ -260,6 +270,7 @@ def _start(
         schedule=Schedule.of(config, len(data.train.labels), ctx.world),
         progress=progress,
         kernels=kernels,
+        average=average,
         health_batch=_health_batch(config, data.train),
     )
     _announce(run, resume)
@@ -394,6 +405,8 @@ def _train_step(run: _Run, idx: torch.Tensor, lr: float, sums: _EpochSums) -> fl
     run.optimizer.step()
     p.step_in_epoch += 1
     p.global_step += 1
+    if run.average is not None:
+        run.average.update(run.model, p.global_step)
     n = len(idx)
     sums.loss_sum += loss.detach().double() * n
     sums.errors += (scores.detach().argmax(dim=1) != target).sum()
@@ -429,8 +442,9 @@ def evaluate_epoch(run: _Run, lr: float, margin: float | None) -> dict[str, Any]
     train_seconds = p.partial["seconds"]
     run.reporter.evaluating()
     t_eval = time.perf_counter()
-    val = _count_errors(run, run.data.validation).tolist()
-    test = _count_errors(run, run.data.test).tolist()
+    with run.evaluated():
+        val = _count_errors(run, run.data.validation).tolist()
+        test = _count_errors(run, run.data.test).tolist()
     p.epoch += 1
     metrics: dict[str, Any] = {
         "epoch": p.epoch,

@@ -21,6 +21,7 @@ import torch
 from emcaps_cli.checkpoint import LAST, load_checkpoint
 from emcaps_cli.config import TrainConfig
 from emcaps_cli.errors import EmcapsError
+from emcaps_cli.training.averaging import WeightAverage
 from emcaps_cli.training.distributed import ProcessGroup
 from emcaps_cli.training.rng import seed_rngs, set_rng_state
 from emcaps_cli.training.rundir import check_new_run
@@ -56,11 +57,20 @@ def checkpoint_payload(
     progress: Progress,
     world: int,
     kernels: str | None,
+    average: WeightAverage | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint of a run at `progress`; `rng` holds every rank's `rng_state`."""
+    """The checkpoint of a run at `progress`; `rng` holds every rank's `rng_state`.
+
+    With a weight average, `model_state` is the average (what the run's metrics measured, and
+    what evaluate and attack load) and `train_state` the raw weights training continues from."""
+    raw = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    extra: dict[str, Any] = {}
+    if average is not None:
+        extra = {"train_state": raw}
     return {
         "model_config": config.model.to_dict(),
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_state": raw if average is None else {k: v.cpu() for k, v in average.state.items()},
+        **extra,
         "train_config": config.to_dict(),
         "split": config.split,
         "epoch": progress.epoch,
@@ -78,11 +88,17 @@ def checkpoint_payload(
 
 
 def restore_progress(
-    checkpoint: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: bool
+    checkpoint: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    main: bool,
+    average: WeightAverage | None = None,
 ) -> Progress:
-    """Load a checkpoint's weights and optimiser state; return its progress. The partial-epoch
-    sums are already all-reduced, so only rank 0 carries them on."""
-    model.load_state_dict(checkpoint["model_state"])
+    """Load a checkpoint's weights (and weight average) and optimiser state; return its
+    progress. The partial-epoch sums are already all-reduced, so only rank 0 carries them on."""
+    model.load_state_dict(checkpoint.get("train_state", checkpoint["model_state"]))
+    if average is not None:
+        average.load(checkpoint["model_state"])
     optimizer.load_state_dict(checkpoint["optimizer_state"])
     return Progress(
         epoch=checkpoint["epoch"],
