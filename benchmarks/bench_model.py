@@ -1,5 +1,6 @@
 """Speed and memory of the capsule network: images/s for inference and for a training step
-(forward + spread loss + backward + Adam), peak memory, fused vs plain-autograd routing, and the
+(forward + spread loss + backward + Adam + the weight average's update, as `emcaps train`
+with its default --ema-decay), peak memory, fused vs plain-autograd routing, and the
 fast EM routing against the loop reference of Procedure 1 on a reduced shape.
 
 Each measurement runs in its own subprocess so that peak RSS (CPU) belongs to it alone.
@@ -63,12 +64,13 @@ def measure(args) -> dict:
     import torch
 
     import emcaps_cli.capsules.layers as layers
-    from emcaps_cli.config import ModelConfig, parse_arch
+    from emcaps_cli.config import ModelConfig, TrainConfig, parse_arch
     from emcaps_cli.losses import spread_loss
     from emcaps_cli.models import build_model
     from emcaps_cli.routing import backend, torch_backend
     from emcaps_cli.routing.c import backend as c_backend
     from emcaps_cli.routing.fused import plain_route
+    from emcaps_cli.training.averaging import WeightAverage
     from emcaps_cli.utils.allocator import keep_freed_memory
     from emcaps_cli.utils.device import resolve_device
     from emcaps_cli.utils.threads import ThreadGovernor
@@ -113,6 +115,9 @@ def measure(args) -> dict:
     else:
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        decay = TrainConfig().ema_decay
+        average = WeightAverage(model, decay) if decay > 0 else None
+        steps = [0]
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -120,6 +125,9 @@ def measure(args) -> dict:
                 loss = spread_loss(network(x), y, 0.5)
             loss.backward()
             opt.step()
+            if average is not None:
+                steps[0] += 1
+                average.update(model, steps[0])
 
     warm_until = time.perf_counter() + WARM_UP_S
     while True:  # warm-up (allocations, caches, the thread policy's first load sample)
