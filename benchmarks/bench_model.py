@@ -115,8 +115,7 @@ def measure(args) -> dict:
     else:
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        decay = TrainConfig().ema_decay
-        average = WeightAverage(model, decay) if decay > 0 else None
+        average = WeightAverage.of(model, TrainConfig().ema_decay)  # as emcaps train
         steps = [0]
 
         def step():

@@ -45,6 +45,11 @@ class WeightAverage:
         for name, kept in self.state.items():
             kept.copy_(state[name])
 
+    @classmethod
+    def of(cls, model: torch.nn.Module, decay: float) -> WeightAverage | None:
+        """The average a run with `--ema-decay decay` keeps: None for 0 (the raw weights)."""
+        return cls(model, decay) if decay > 0 else None
+
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[None]:
         """`model` holds the averaged weights inside the block, its own weights after it."""

@@ -246,7 +246,7 @@ def _start(
     seed_rngs(config.seed, ctx.rank, augment)
     kernels = routing_kernels(config.model, device)
     progress = Progress()
-    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+    average = WeightAverage.of(model, config.ema_decay)
     if checkpoint is not None:
         progress = restore_progress(checkpoint, model, optimizer, ctx.main, average)
         run_dir = Path(config.out)

@@ -64,13 +64,13 @@ def checkpoint_payload(
     With a weight average, `model_state` is the average (what the run's metrics measured, and
     what evaluate and attack load) and `train_state` the raw weights training continues from."""
     raw = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    extra: dict[str, Any] = {}
+    weights = {"model_state": raw}
     if average is not None:
-        extra = {"train_state": raw}
+        averaged = {k: v.cpu() for k, v in average.state.items()}
+        weights = {"model_state": averaged, "train_state": raw}
     return {
         "model_config": config.model.to_dict(),
-        "model_state": raw if average is None else {k: v.cpu() for k, v in average.state.items()},
-        **extra,
+        **weights,
         "train_config": config.to_dict(),
         "split": config.split,
         "epoch": progress.epoch,
