@@ -8,6 +8,11 @@ script exit 1 after the table.
     python benchmarks/bench_learning.py                        # capsnet 3/2/1 iterations and cnn
     python benchmarks/bench_learning.py --set "capsnet=--arch 64,8,16,16" --set "cnn=--model cnn" \
         --seeds 0,1 --epochs 5 --extra "--device cpu" --json runs/bench_learning.json
+
+`--combine A.json B.json ...` trains nothing: it pools the runs of reports written by this
+script (more seeds of the same sets, run at another time) into one table and, with --json, one
+report. The reports must agree on the cache, the epochs and each shared set's options, and no
+set may hold the same seed twice.
 """
 
 from __future__ import annotations
@@ -124,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=Path, help="write the report here (atomically)")
     p.add_argument("--extra", default="", metavar="OPTS", help="options appended to every set")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="REPORT",
+        help="pool the runs of these JSON reports into one table instead of training",
+    )
     return p
 
 
@@ -383,6 +395,57 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
+# --- pooling reports ----------------------------------------------------------------------------
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BenchError(f"{path}: cannot read a report ({err})") from err
+    if not isinstance(report, dict) or not isinstance(report.get("sets"), dict):
+        raise BenchError(f"{path}: not a report of this script (no 'sets')")
+    return report
+
+
+def combine_reports(paths: list[Path]) -> dict[str, Any]:
+    """One report whose sets hold the runs of every report, in the order given."""
+    reports = [read_report(path) for path in paths]
+    first = reports[0]
+    sets: dict[str, dict[str, Any]] = {}
+    for path, report in zip(paths, reports, strict=True):
+        for key in ("data", "epochs", "extra"):
+            if report.get(key) != first.get(key):
+                raise BenchError(
+                    f"{path}: {key} {report.get(key)!r} differs from {paths[0]}'s "
+                    f"{first.get(key)!r}"
+                )
+        for name, entry in report["sets"].items():
+            pooled = sets.setdefault(name, {"options": entry["options"], "runs": []})
+            if entry["options"] != pooled["options"]:
+                raise BenchError(
+                    f"{path}: set {name} has options {entry['options']!r}, "
+                    f"elsewhere {pooled['options']!r}"
+                )
+            seen = {run["seed"] for run in pooled["runs"]}
+            if repeated := sorted(seen & {run["seed"] for run in entry["runs"]}):
+                raise BenchError(f"{path}: set {name} repeats seed(s) {repeated}")
+            pooled["runs"].extend(entry["runs"])
+    for entry in sets.values():
+        entry["summary"] = summarise_set(entry["runs"])
+    seeds = sorted({run["seed"] for entry in sets.values() for run in entry["runs"]})
+    return {
+        "command": [sys.argv[0], "--combine", *map(str, paths)],
+        "combined": [str(path) for path in paths],
+        "data": first.get("data"),
+        "epochs": first.get("epochs"),
+        "seeds": seeds,
+        "extra": first.get("extra"),
+        "machine": first.get("machine"),
+        "sets": sets,
+    }
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -406,6 +469,17 @@ def run_all(args: argparse.Namespace, sets: dict[str, str]) -> dict[str, dict[st
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.combine:
+        try:
+            report = combine_reports(args.combine)
+        except BenchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(format_table({name: e["summary"] for name, e in report["sets"].items()}))
+        if args.json:
+            write_json(args.json, report)
+            print(f"wrote {args.json}", file=sys.stderr)
+        return 0
     try:
         if args.epochs < 1:
             raise BenchError(f"--epochs {args.epochs}: expected at least 1")

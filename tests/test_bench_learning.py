@@ -151,3 +151,53 @@ def test_table_shows_percent_mean_sd_and_split_columns_only_when_present() -> No
         "split", "1", "0", "20.00 ± —", "—", "10.00 ± —", "12.50 ± —", "50.00 ± —", "50.0", "4.0"
     ]  # fmt: skip
     assert lines[2].split()[-4:-2] == ["—", "—"]  # capsnet has no familiar / novel errors
+
+
+def _report(path: Path, seeds: list[int], options: str = "--model cnn", epochs: int = 10) -> Path:
+    runs = [
+        {"seed": s, "ok": True, "test_error": 0.1 * (s + 1), "train_error": 0.2,
+         "images_per_second": 100.0, "wall_seconds": 1.0}
+        for s in seeds
+    ]
+    report = {"data": "d.h5", "epochs": epochs, "extra": "", "seeds": seeds,
+              "sets": {"cnn": {"options": options, "runs": runs}}}
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_combine_pools_the_seeds_of_two_reports(tmp_path: Path, capsys) -> None:
+    a = _report(tmp_path / "a.json", [0, 1, 2])
+    b = _report(tmp_path / "b.json", [3, 4])
+    out = tmp_path / "all.json"
+    assert bench.main(["--combine", str(a), str(b), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [0, 1, 2, 3, 4]
+    summary = report["sets"]["cnn"]["summary"]["test_error"]
+    assert math.isclose(summary["mean"], 0.3)  # errors 0.1 … 0.5
+    assert math.isclose(summary["sd"], math.sqrt(0.025))
+    assert "30.00 ± 15.81" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ({"seeds": [2, 3]}, "repeats seed(s) [2]"),
+        ({"seeds": [3], "options": "--model cnn --lr 1e-3"}, "has options"),
+        ({"seeds": [3], "epochs": 5}, "epochs 5 differs"),
+    ],
+)
+def test_combine_refuses_reports_that_do_not_pool(
+    tmp_path: Path, capsys, second: dict, message: str
+) -> None:
+    a = _report(tmp_path / "a.json", [0, 1, 2])
+    b = _report(tmp_path / "b.json", **second)
+    assert bench.main(["--combine", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_combine_names_an_unreadable_report(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert bench.main(["--combine", str(bad)]) == 2
+    assert "bad.json: cannot read a report" in capsys.readouterr().err
