@@ -41,6 +41,8 @@ class ModelConfig:
 
     arch            (A, B, C, D) of Fig. 1: ReLU-conv channels; primary, conv1, conv2 capsule types
     iters           EM routing iterations (Table 1: 1, 2, 3, 5)
+    class_iters     EM routing iterations of the class-capsule layer only; None: iters, as the
+                    paper (docs/model.md)
     pose            "matrix": 4x4 poses and 4x4 W; "vector": 16-vector poses and 16x16 W (Table 1)
     coord_add       Coordinate Addition in the class-capsule layer (section 4)
     channels        2: both stereo views as channels (as the authors' released code);
@@ -60,6 +62,7 @@ class ModelConfig:
     model: str = "capsnet"
     arch: tuple[int, int, int, int] = (32, 32, 32, 32)
     iters: int = 3
+    class_iters: int | None = None
     pose: str = "matrix"
     coord_add: bool = True
     channels: int = 2
@@ -88,6 +91,10 @@ class ModelConfig:
             raise EmcapsError(f"--arch {self.arch}: expected four positive integers A,B,C,D")
         if self.iters < 1:
             raise EmcapsError(f"--iters {self.iters}: need at least one routing iteration")
+        if self.class_iters is not None and self.class_iters < 1:
+            raise EmcapsError(
+                f"--class-iters {self.class_iters}: need at least one routing iteration"
+            )
         for name, value in (("final-lambda", self.final_lambda),
                             ("conv-final-lambda", self.conv_final_lambda)):  # fmt: skip
             if value is not None and not (math.isfinite(value) and value > 0):

@@ -48,3 +48,10 @@ def test_loss_choices_are_the_losses() -> None:
 
     for name in values(Loss):
         get_loss(name)
+
+
+def test_class_iters_reaches_the_model_config() -> None:
+    from emcaps_cli.cli.train import new_config
+
+    config = new_config(command_params("train", "--iters", "3", "--class-iters", "2"))
+    assert (config.model.iters, config.model.class_iters) == (3, 2)

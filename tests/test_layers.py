@@ -128,3 +128,16 @@ def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
     assert ModelConfig.from_dict(old).conv_final_lambda is None
     with pytest.raises(EmcapsError, match="--conv-final-lambda"):
         ModelConfig(conv_final_lambda=0.0)
+
+
+def test_class_iters_sets_the_class_capsule_layer_only() -> None:
+    config = ModelConfig(arch=(8, 4, 4, 4), iters=3, class_iters=2)
+    net = build_model(config)
+    assert (net.conv_caps1.iters, net.conv_caps2.iters, net.class_caps.iters) == (3, 3, 2)
+    same = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=3))
+    assert same.class_caps.iters == 3  # unset: every layer runs --iters, as the paper
+    old = config.to_dict()
+    del old["class_iters"]  # configs written before the field existed
+    assert ModelConfig.from_dict(old).class_iters is None
+    with pytest.raises(EmcapsError, match="--class-iters 0"):
+        ModelConfig(class_iters=0)

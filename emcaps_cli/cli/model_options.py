@@ -48,6 +48,12 @@ FINAL_LAMBDA = typer.Option(
     "--final-lambda",
     help="λ_max of the inverse-temperature schedule λ_t = λ_max(1−0.95^(t+1)).",
 )
+CLASS_ITERS = typer.Option(
+    DEFAULT.class_iters,
+    "--class-iters",
+    help="EM routing iterations of the class-capsule layer only (the conv capsules keep "
+    "--iters); unset: --iters, as the paper (docs/model.md).",
+)
 CONV_FINAL_LAMBDA = typer.Option(
     DEFAULT.conv_final_lambda,
     "--conv-final-lambda",
