@@ -436,7 +436,6 @@ def combine_reports(paths: list[Path]) -> dict[str, Any]:
     seeds = sorted({run["seed"] for entry in sets.values() for run in entry["runs"]})
     return {
         "command": [sys.argv[0], "--combine", *map(str, paths)],
-        "combined": [str(path) for path in paths],
         "data": first.get("data"),
         "epochs": first.get("epochs"),
         "seeds": seeds,
@@ -466,21 +465,21 @@ def run_all(args: argparse.Namespace, sets: dict[str, str]) -> dict[str, dict[st
     return results
 
 
+def publish(report: dict[str, Any], json_path: Path | None) -> None:
+    """The report's table on stdout and, with --json, the report itself."""
+    print(format_table({name: entry["summary"] for name, entry in report["sets"].items()}))
+    if json_path:
+        write_json(json_path, report)
+        print(f"wrote {json_path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.combine:
-        try:
-            report = combine_reports(args.combine)
-        except BenchError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(format_table({name: e["summary"] for name, e in report["sets"].items()}))
-        if args.json:
-            write_json(args.json, report)
-            print(f"wrote {args.json}", file=sys.stderr)
-        return 0
     try:
+        if args.combine:
+            publish(combine_reports(args.combine), args.json)
+            return 0
         if args.epochs < 1:
             raise BenchError(f"--epochs {args.epochs}: expected at least 1")
         shlex.split(args.extra)
@@ -490,19 +489,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = run_all(args, sets)
-    print(format_table({name: entry["summary"] for name, entry in results.items()}))
-    if args.json:
-        report = {
-            "command": [sys.argv[0], *argv],
-            "data": str(args.data),
-            "epochs": args.epochs,
-            "seeds": args.seeds,
-            "extra": args.extra,
-            "machine": machine_info(),
-            "sets": results,
-        }
-        write_json(args.json, report)
-        print(f"wrote {args.json}", file=sys.stderr)
+    report = {
+        "command": [sys.argv[0], *argv],
+        "data": str(args.data),
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "extra": args.extra,
+        "machine": machine_info(),
+        "sets": results,
+    }
+    publish(report, args.json)
     failures = failure_report(results)
     if failures:
         print(failures, file=sys.stderr)

@@ -44,9 +44,10 @@ class CapsNet(nn.Module):
             conv["final_lambda"] = config.conv_final_lambda
         self.conv_caps1 = ConvCaps(b, c, kernel=3, stride=2, **conv)
         self.conv_caps2 = ConvCaps(c, d, kernel=3, stride=1, **conv)
-        if config.class_iters is not None:
-            common["iters"] = config.class_iters
-        self.class_caps = ClassCaps(d, config.num_classes, coord_add=config.coord_add, **common)
+        class_iters = config.iters if config.class_iters is None else config.class_iters
+        self.class_caps = ClassCaps(
+            d, config.num_classes, coord_add=config.coord_add, **dict(common, iters=class_iters)
+        )
         # Coordinate Addition: receptive-field centres of the last grid, divided by the image
         # side so they lie in (0, 1).
         centres = receptive_field_centres(config.input_size, LAYER_GEOMETRY) / config.input_size
