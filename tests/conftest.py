@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -21,6 +22,17 @@ if not torch.cuda.is_available():
 # the thread policy (emcaps_cli/utils/threads.py) from following the machine's load mid-suite. The
 # CLI tests' subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # --- training: tiny HDF5 caches in the layout of emcaps_cli/data/cache.py --------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,24 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from emcaps_cli.data import smallnorb
 from emcaps_cli.data.cache import prepare_cache
 
 ROOT = Path(__file__).resolve().parents[1]
+
 SCRIPT = ROOT / "benchmarks" / "bench_learning.py"
 FIXTURES = Path(__file__).parent / "fixtures" / "smallnorb_fake"
 TINY_CNN = "cnn=--model cnn --limit-train 64 --limit-test 32 --batch-size 16"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_learning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_benchmark("bench_learning")
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +149,23 @@ def test_table_shows_percent_mean_sd_and_split_columns_only_when_present() -> No
 
 def _report(path: Path, seeds: list[int], options: str = "--model cnn", epochs: int = 10) -> Path:
     runs = [
-        {"seed": s, "ok": True, "test_error": 0.1 * (s + 1), "train_error": 0.2,
-         "images_per_second": 100.0, "wall_seconds": 1.0}
+        {
+            "seed": s,
+            "ok": True,
+            "test_error": 0.1 * (s + 1),
+            "train_error": 0.2,
+            "images_per_second": 100.0,
+            "wall_seconds": 1.0,
+        }
         for s in seeds
     ]
-    report = {"data": "d.h5", "epochs": epochs, "extra": "", "seeds": seeds,
-              "sets": {"cnn": {"options": options, "runs": runs}}}
+    report = {
+        "data": "d.h5",
+        "epochs": epochs,
+        "extra": "",
+        "seeds": seeds,
+        "sets": {"cnn": {"options": options, "runs": runs}},
+    }
     path.write_text(json.dumps(report))
     return path
 

@@ -3,21 +3,11 @@ iteration counts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 from helpers_eval import make_checkpoint, write_cache
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_class_iters.py"
-
-
-def load_probe():
-    spec = importlib.util.spec_from_file_location("probe_class_iters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_probe_changes_only_the_class_layer_iterations(tmp_path, single_thread):
@@ -26,7 +16,7 @@ def test_probe_changes_only_the_class_layer_iterations(tmp_path, single_thread):
         tmp_path / "caps.pt", model="capsnet", train_steps=3, arch=(8, 4, 4, 4), iters=2
     )
     out = tmp_path / "probe.json"
-    probe = load_probe()
+    probe = load_benchmark("probe_class_iters")
     assert probe.main(["--data", str(cache), "--checkpoints", str(ckpt), "--iters", "1,2,3",
                        "--json", str(out)]) == 0  # fmt: skip
     (row,) = json.loads(out.read_text())["runs"]
@@ -46,4 +36,6 @@ def test_probe_changes_only_the_class_layer_iterations(tmp_path, single_thread):
 
 def test_probe_refuses_zero_iterations(tmp_path):
     with pytest.raises(SystemExit):
-        load_probe().main(["--checkpoints", str(tmp_path / "x.pt"), "--iters", "0,1"])
+        load_benchmark("probe_class_iters").main(
+            ["--checkpoints", str(tmp_path / "x.pt"), "--iters", "0,1"]
+        )

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-from conftest import make_cache
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_gradients.py"
-
-
-def load_probe():
-    spec = importlib.util.spec_from_file_location("probe_gradients", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark, make_cache
 
 
 def test_probe_reports_every_layer_and_tau_needs_an_e_step(tmp_path):
@@ -23,7 +12,10 @@ def test_probe_reports_every_layer_and_tau_needs_an_e_step(tmp_path):
     out = tmp_path / "probe.json"
     args = ["--data", str(cache), "--arch", "8,4,4,4", "--iters", "1,2", "--powers", "1,0.2"]
     assert (
-        load_probe().main([*args, "--batches", "3", "--batch-size", "8", "--json", str(out)]) == 0
+        load_benchmark("probe_gradients").main(
+            [*args, "--batches", "3", "--batch-size", "8", "--json", str(out)]
+        )
+        == 0
     )
     rows = {(r["iters"], r["likelihood_power"]): r for r in json.loads(out.read_text())}
     assert set(rows) == {(1, 1.0), (1, 0.2), (2, 1.0), (2, 0.2)}
