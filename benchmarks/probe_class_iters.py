@@ -21,6 +21,7 @@ import torch
 
 from emcaps_cli.capsules.layers import ClassCaps
 from emcaps_cli.checkpoint import load_model
+from emcaps_cli.errors import EmcapsError
 from emcaps_cli.evaluation import load_test_images, predict_scores
 from emcaps_cli.utils.atomic import atomic_path
 
@@ -28,7 +29,7 @@ from emcaps_cli.utils.atomic import atomic_path
 def class_layer(model: torch.nn.Module) -> ClassCaps:
     layers = [m for m in model.modules() if isinstance(m, ClassCaps)]
     if len(layers) != 1:
-        raise SystemExit("error: expected a capsule network with one class-capsule layer")
+        raise EmcapsError("expected a capsule network with one class-capsule layer")
     return layers[0]
 
 
@@ -57,14 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     iters = [int(k) for k in args.iters.split(",")]
     if min(iters) < 1:
         parser.error("--iters: every count must be at least 1")
-    split = load_test_images(args.data)
-    labels = torch.from_numpy(split.labels)
-    rows = []
-    for path in args.checkpoints:
-        row = probe(path, split.images, labels, iters)
-        rows.append(row)
-        cells = "  ".join(f"{k}: {100 * e:5.1f}%" for k, e in row["test_error"].items())
-        print(f"{path}  (trained with {row['trained_iters']})  {cells}", flush=True)
+    try:
+        split = load_test_images(args.data)
+        labels = torch.from_numpy(split.labels)
+        rows = []
+        for path in args.checkpoints:
+            try:
+                row = probe(path, split.images, labels, iters)
+            except EmcapsError as err:
+                raise EmcapsError(f"{path}: {err}") from err
+            rows.append(row)
+            cells = "  ".join(f"{k}: {100 * e:5.1f}%" for k, e in row["test_error"].items())
+            print(f"{path}  (trained with {row['trained_iters']})  {cells}", flush=True)
+    except EmcapsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.json:
         with atomic_path(Path(args.json)) as tmp:
             tmp.write_text(json.dumps({"data": args.data, "runs": rows}, indent=1) + "\n")

@@ -9,6 +9,9 @@ import pytest
 from conftest import load_benchmark
 from helpers_eval import make_checkpoint, write_cache
 
+from emcaps_cli.checkpoint import load_model
+from emcaps_cli.evaluation import load_test_images, predict_scores
+
 
 def test_probe_changes_only_the_class_layer_iterations(tmp_path, single_thread):
     cache = write_cache(tmp_path / "fake.h5", n_test=24)
@@ -25,9 +28,6 @@ def test_probe_changes_only_the_class_layer_iterations(tmp_path, single_thread):
     assert all(0 <= e <= 1 for e in row["test_error"].values())
 
     # The trained count's error is the checkpoint's own error, as `evaluate` would give it.
-    from emcaps_cli.checkpoint import load_model
-    from emcaps_cli.evaluation import load_test_images, predict_scores
-
     model, _ = load_model(ckpt)
     split = load_test_images(cache)
     own = (predict_scores(model, split.images).argmax(1).numpy() != split.labels).mean()
@@ -39,3 +39,14 @@ def test_probe_refuses_zero_iterations(tmp_path):
         load_benchmark("probe_class_iters").main(
             ["--checkpoints", str(tmp_path / "x.pt"), "--iters", "0,1"]
         )
+
+
+def test_probe_refuses_a_cnn_in_one_line(tmp_path, capsys):
+    cache = write_cache(tmp_path / "fake.h5", n_test=8)
+    ckpt = make_checkpoint(tmp_path / "cnn.pt", model="cnn")
+    assert (
+        load_benchmark("probe_class_iters").main(["--data", str(cache), "--checkpoints", str(ckpt)])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {ckpt}: ") and "class-capsule" in err[0]
