@@ -26,10 +26,10 @@ from emcaps_cli.evaluation import load_test_images, predict_scores
 from emcaps_cli.utils.atomic import atomic_path
 
 
-def class_layer(model: torch.nn.Module) -> ClassCaps:
+def class_layer(model: torch.nn.Module, checkpoint: str) -> ClassCaps:
     layers = [m for m in model.modules() if isinstance(m, ClassCaps)]
     if len(layers) != 1:
-        raise EmcapsError("expected a capsule network with one class-capsule layer")
+        raise EmcapsError(f"{checkpoint}: expected a capsule network with one class-capsule layer")
     return layers[0]
 
 
@@ -37,7 +37,7 @@ def probe(checkpoint: str, images, labels: torch.Tensor, iters: list[int]) -> di
     """{"trained_iters": n, "test_error": {k: error with k class iterations}} for one run."""
     model, _ = load_model(checkpoint)
     model.eval()
-    layer = class_layer(model)
+    layer = class_layer(model, checkpoint)
     trained = layer.iters
     errors = {}
     for k in iters:
@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.from_numpy(split.labels)
         rows = []
         for path in args.checkpoints:
-            try:
-                row = probe(path, split.images, labels, iters)
-            except EmcapsError as err:
-                raise EmcapsError(f"{path}: {err}") from err
+            row = probe(path, split.images, labels, iters)
             rows.append(row)
             cells = "  ".join(f"{k}: {100 * e:5.1f}%" for k, e in row["test_error"].items())
             print(f"{path}  (trained with {row['trained_iters']})  {cells}", flush=True)
