@@ -13,17 +13,18 @@ them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from emcaps_cli.capsules.layers import ClassCaps
-from emcaps_cli.checkpoint import load_model
-from emcaps_cli.errors import EmcapsError
-from emcaps_cli.evaluation import load_test_images, predict_scores
-from emcaps_cli.utils.atomic import atomic_path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_probes import run_probes  # noqa: E402
+
+from emcaps_cli.capsules.layers import ClassCaps  # noqa: E402
+from emcaps_cli.checkpoint import load_model  # noqa: E402
+from emcaps_cli.errors import EmcapsError  # noqa: E402
+from emcaps_cli.evaluation import load_test_images, predict_scores  # noqa: E402
 
 
 def class_layer(model: torch.nn.Module, checkpoint: str) -> ClassCaps:
@@ -58,22 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     iters = [int(k) for k in args.iters.split(",")]
     if min(iters) < 1:
         parser.error("--iters: every count must be at least 1")
-    try:
-        split = load_test_images(args.data)
-        labels = torch.from_numpy(split.labels)
-        rows = []
-        for path in args.checkpoints:
-            row = probe(path, split.images, labels, iters)
-            rows.append(row)
-            cells = "  ".join(f"{k}: {100 * e:5.1f}%" for k, e in row["test_error"].items())
-            print(f"{path}  (trained with {row['trained_iters']})  {cells}", flush=True)
-    except EmcapsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        with atomic_path(Path(args.json)) as tmp:
-            tmp.write_text(json.dumps({"data": args.data, "runs": rows}, indent=1) + "\n")
-    return 0
+
+    def line(row: dict) -> str:
+        cells = "  ".join(f"{k}: {100 * e:5.1f}%" for k, e in row["test_error"].items())
+        return f"{row['checkpoint']}  (trained with {row['trained_iters']})  {cells}"
+
+    def probe_one(path: str, split) -> dict:
+        return probe(path, split.images, torch.from_numpy(split.labels), iters)
+
+    return run_probes(args.data, args.checkpoints, load_test_images, probe_one, line, args.json)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,22 @@ error has fitted the training instances and fails on new ones.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from emcaps_cli.checkpoint import load_model
-from emcaps_cli.config import TrainConfig
-from emcaps_cli.data.cache import load_cache
-from emcaps_cli.data.transforms import CROP_SIZE, eval_batch
-from emcaps_cli.errors import EmcapsError
-from emcaps_cli.evaluation import batch_slices, model_channels
-from emcaps_cli.training.data import config_split
-from emcaps_cli.utils.atomic import atomic_path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_probes import run_probes  # noqa: E402
+
+from emcaps_cli.checkpoint import load_model  # noqa: E402
+from emcaps_cli.config import TrainConfig  # noqa: E402
+from emcaps_cli.data.cache import load_cache  # noqa: E402
+from emcaps_cli.data.transforms import CROP_SIZE, eval_batch  # noqa: E402
+from emcaps_cli.errors import EmcapsError  # noqa: E402
+from emcaps_cli.evaluation import batch_slices, model_channels  # noqa: E402
+from emcaps_cli.training.data import config_split  # noqa: E402
 
 
 def crop_offsets(image_size: int, size: int = CROP_SIZE) -> dict[str, tuple[int, int]]:
@@ -116,19 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", nargs="+", required=True, help="last.pt or best.pt files")
     parser.add_argument("--json", help="write the results here (atomically)")
     args = parser.parse_args(argv)
-    try:
-        cache = load_cache(args.data)
-        rows = []
-        for path in args.checkpoints:
-            rows.append(probe(path, cache))
-            print(_line(rows[-1]), flush=True)
-    except EmcapsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        with atomic_path(Path(args.json)) as tmp:
-            tmp.write_text(json.dumps({"data": args.data, "runs": rows}, indent=1) + "\n")
-    return 0
+    return run_probes(args.data, args.checkpoints, load_cache, probe, _line, args.json)
 
 
 if __name__ == "__main__":
