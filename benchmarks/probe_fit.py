@@ -1,8 +1,9 @@
 """Does a trained network underfit, or fail to generalise, and how far does a shift of the
 crop move its error? For each checkpoint: the error on the centre crops of the images it
-trained on, of its validation images and of the test set, then the test error with the 32×32
-crop moved away from the centre (the four half-way diagonal offsets of multi-crop testing and
-the four corners of the 48×48 image, the largest shifts random-crop training sees).
+trained on, of its validation images and of the test set (every test row the run used, novel
+viewpoints included for a --split run), then the test error with the 32×32 crop moved away
+from the centre (the four half-way diagonal offsets of multi-crop testing and the four
+corners of the 48×48 image, the largest shifts random-crop training sees).
 
 A network whose training-image error is about its test error has not fitted its data (more
 training or a better optimiser would help); one with a low training error and a high test
