@@ -24,7 +24,14 @@ from emcaps_cli.defaults import (
 from emcaps_cli.errors import EmcapsError
 
 # Values of later fields for configs (checkpoints) written before the field existed.
-LEGACY_DEFAULTS = {"var_floor": 1e-4, "likelihood_power": 1.0, "conv_final_lambda": None}
+LEGACY_DEFAULTS = {
+    "var_floor": 1e-4,
+    "likelihood_power": 1.0,
+    "conv_final_lambda": None,
+    "class_beta_a_scale": 1.0,
+}
+# The class layer's β_a scale when none is given, by parametrisation (docs/model.md).
+DEFAULT_CLASS_BETA_A_SCALE = {"paper": 1000.0, "released": 1.0}
 
 
 def _check_known_keys(cls: type, d: dict[str, Any], what: str) -> None:
@@ -52,6 +59,10 @@ class ModelConfig:
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
     conv_final_lambda  λ_max of the two conv-capsule layers; None: final_lambda, as the paper
                     (docs/model.md)
+    class_beta_a_scale  the class layer's β_a is this multiple of its parameter, so that Adam
+                    moves the class activations' threshold this many times faster; None: 1000
+                    for "paper", 1 for "released" (which scales its own); 1 is the plain
+                    parameter (docs/model.md)
     var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
     likelihood_power τ of the E-step: R_ij ∝ a_j p_ij^τ; 1 is Procedure 1, τ < 1 tempers the
                     assignments (docs/model.md)
@@ -67,8 +78,9 @@ class ModelConfig:
     coord_add: bool = True
     channels: int = 2
     routing: str = "exact"
-    final_lambda: float = 0.01
+    final_lambda: float = 0.03
     conv_final_lambda: float | None = 0.3
+    class_beta_a_scale: float | None = None
     var_floor: float = 0.1
     likelihood_power: float = 0.1
     parametrisation: str = "paper"
@@ -99,6 +111,12 @@ class ModelConfig:
                             ("conv-final-lambda", self.conv_final_lambda)):  # fmt: skip
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise EmcapsError(f"--{name} {value}: expected a positive number")
+        scale = self.class_beta_a_scale
+        if scale is None:
+            scale = DEFAULT_CLASS_BETA_A_SCALE[self.parametrisation]
+        if not (math.isfinite(scale) and scale > 0):
+            raise EmcapsError(f"--class-beta-a-scale {scale}: expected a positive number")
+        object.__setattr__(self, "class_beta_a_scale", float(scale))
         if not (math.isfinite(self.var_floor) and self.var_floor > 0):
             raise EmcapsError(f"--var-floor {self.var_floor}: expected a positive number")
         if not (math.isfinite(self.likelihood_power) and self.likelihood_power > 0):

@@ -118,16 +118,45 @@ def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
     config = ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=0.3)
     net = build_model(config)
     assert (net.conv_caps1.final_lambda, net.conv_caps2.final_lambda) == (0.3, 0.3)
-    assert net.class_caps.final_lambda == config.final_lambda == 0.01
+    assert net.class_caps.final_lambda == config.final_lambda == 0.03
     default = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2))
     assert default.conv_caps1.final_lambda == 0.3
     paper = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=None))
-    assert paper.conv_caps1.final_lambda == 0.01
+    assert paper.conv_caps1.final_lambda == 0.03
     old = config.to_dict()
     del old["conv_final_lambda"]  # configs written before the field existed
     assert ModelConfig.from_dict(old).conv_final_lambda is None
     with pytest.raises(EmcapsError, match="--conv-final-lambda"):
         ModelConfig(conv_final_lambda=0.0)
+
+
+def test_class_beta_a_scale_multiplies_the_class_threshold_only() -> None:
+    """β_a = scale × parameter in the class layer: the same network as the plain parameter
+    holding scale × the value, with a gradient scale times as large on the parameter."""
+    torch.manual_seed(0)
+    scaled = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, class_beta_a_scale=1000.0))
+    plain = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, class_beta_a_scale=1.0))
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        scaled.class_caps.beta_a.copy_(torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]) * 1e-3)
+        plain.class_caps.beta_a.copy_(scaled.class_caps.beta_a * 1000)
+    x = torch.randn(3, 2, 32, 32)
+    out_scaled, out_plain = scaled(x), plain(x)
+    torch.testing.assert_close(out_scaled, out_plain)
+    out_scaled.sum().backward()
+    out_plain.sum().backward()
+    torch.testing.assert_close(
+        scaled.class_caps.beta_a.grad, 1000 * plain.class_caps.beta_a.grad, rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(scaled.conv_caps1.beta_a.grad, plain.conv_caps1.beta_a.grad)
+
+    assert ModelConfig().class_beta_a_scale == 1000.0
+    assert ModelConfig(parametrisation="released").class_beta_a_scale == 1.0
+    old = ModelConfig().to_dict()
+    del old["class_beta_a_scale"]  # configs written before the field existed
+    assert ModelConfig.from_dict(old).class_beta_a_scale == 1.0
+    with pytest.raises(EmcapsError, match="--class-beta-a-scale"):
+        ModelConfig(class_beta_a_scale=0.0)
 
 
 def test_class_iters_sets_the_class_capsule_layer_only() -> None:

@@ -182,7 +182,8 @@ class ConvCaps(nn.Module):
 class ClassCaps(nn.Module):
     """Fully connected class capsules. W is shared across positions of a child type, and
     Coordinate Addition adds the child's scaled receptive-field centre (row, column) to the
-    first two entries of the right-hand column of its vote (flat entries 3 and 7)."""
+    first two entries of the right-hand column of its vote (flat entries 3 and 7). The β_a the
+    routing sees is `beta_a_scale` times the parameter."""
 
     def __init__(
         self,
@@ -195,10 +196,11 @@ class ClassCaps(nn.Module):
         var_floor: float = VAR_FLOOR,
         parametrisation: str = "paper",
         likelihood_power: float = 1.0,
+        beta_a_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.var_floor, self.parametrisation = var_floor, parametrisation
-        self.likelihood_power = likelihood_power
+        self.likelihood_power, self.beta_a_scale = likelihood_power, beta_a_scale
         self.in_types, self.classes, self.iters = in_types, classes, iters
         self.rows, self.row_len = pose_rows(pose)
         self.coord_add, self.final_lambda = coord_add, final_lambda
@@ -240,6 +242,8 @@ class ClassCaps(nn.Module):
         beta_u, beta_a, lam = effective_parameters(
             self.parametrisation, "class", self.beta_u, self.beta_a, self.final_lambda
         )
+        if self.beta_a_scale != 1:
+            beta_a = beta_a * self.beta_a_scale  # β_a = scale × parameter: Adam moves it faster
         spec = layer_spec(self, lam, None)
         return RoutingInputs(child_poses, transforms, a_in, beta_u, beta_a, spec, offset)
 

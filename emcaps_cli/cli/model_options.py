@@ -61,6 +61,14 @@ CONV_FINAL_LAMBDA = typer.Option(
     "above --final-lambda it lets their activations spread; the value of --final-lambda is "
     "the paper's single schedule (docs/model.md).",
 )
+CLASS_BETA_A_SCALE = typer.Option(
+    None,
+    "--class-beta-a-scale",
+    help="The class capsules' β_a is this multiple of its parameter, so Adam moves the "
+    "activation threshold this many times faster; 1: the plain parameter (docs/model.md). "
+    "[default: 1000, or 1 with --parametrisation released]",
+    show_default=False,
+)
 VAR_FLOOR = typer.Option(
     DEFAULT.var_floor,
     "--var-floor",

@@ -46,7 +46,11 @@ class CapsNet(nn.Module):
         self.conv_caps2 = ConvCaps(c, d, kernel=3, stride=1, **conv)
         class_iters = config.iters if config.class_iters is None else config.class_iters
         self.class_caps = ClassCaps(
-            d, config.num_classes, coord_add=config.coord_add, **dict(common, iters=class_iters)
+            d,
+            config.num_classes,
+            coord_add=config.coord_add,
+            beta_a_scale=config.class_beta_a_scale,
+            **dict(common, iters=class_iters),
         )
         # Coordinate Addition: receptive-field centres of the last grid, divided by the image
         # side so they lie in (0, 1).
