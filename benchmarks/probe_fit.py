@@ -28,9 +28,9 @@ from checkpoint_probes import run_probes  # noqa: E402
 from emcaps_cli.checkpoint import load_model  # noqa: E402
 from emcaps_cli.config import TrainConfig  # noqa: E402
 from emcaps_cli.data.cache import load_cache  # noqa: E402
-from emcaps_cli.data.transforms import CROP_SIZE, eval_batch  # noqa: E402
+from emcaps_cli.data.transforms import CROP_SIZE  # noqa: E402
 from emcaps_cli.errors import EmcapsError  # noqa: E402
-from emcaps_cli.evaluation import batch_slices, model_channels  # noqa: E402
+from emcaps_cli.evaluation import predict_scores  # noqa: E402
 from emcaps_cli.training.data import config_split  # noqa: E402
 
 
@@ -53,22 +53,13 @@ def crop_offsets(image_size: int, size: int = CROP_SIZE) -> dict[str, tuple[int,
 
 
 def error_rate(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    offset: tuple[int, int],
-    batch_size: int = 100,
+    model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, offset: tuple[int, int]
 ) -> float:
     """Share of uint8 images (N, 2, H, W) misclassified from the crop at `offset`."""
     if len(labels) == 0:
         return float("nan")
-    channels, size, wrong = model_channels(model), int(model.config.input_size), 0
-    with torch.no_grad():
-        for sl in batch_slices(len(labels), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[sl]))
-            scores = model(eval_batch(batch, channels, size=size, offset=offset))  # (B, K)
-            wrong += int((scores.argmax(dim=1).numpy() != labels[sl]).sum())
-    return wrong / len(labels)
+    predicted = predict_scores(model, images, offset=offset).argmax(dim=1).numpy()
+    return float(np.mean(predicted != labels))
 
 
 def probe(checkpoint: str, cache) -> dict:

@@ -75,25 +75,27 @@ def predict_scores(
     batch_size: int = DEFAULT_BATCH_SIZE,
     multicrop: bool = False,
     progress: Progress | None = None,
+    offset: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Class scores (N, K) on the CPU for uint8 images (N, 2, 48, 48).
 
-    Centre crop: the model's raw scores. Multi-crop: the mean over the crops of
-    `multicrop_offsets()` of the class activations (capsules) or of the softmax probabilities
-    (CNN: logits are not comparable across crops, probabilities are).
+    Centre crop (or the single crop at (top, left) `offset`): the model's raw scores.
+    Multi-crop: the mean over the crops of `multicrop_offsets()` of the class activations
+    (capsules) or of the softmax probabilities (CNN: logits are not comparable across crops,
+    probabilities are).
     """
     device = next(model.parameters()).device
     channels = model_channels(model)
     size = int(model.config.input_size)  # the crop the network was built for
-    offsets = multicrop_offsets(images.shape[-1], size) if multicrop else [None]
+    offsets = multicrop_offsets(images.shape[-1], size) if multicrop else [offset]
     out = []
     for sl in batch_slices(len(images), batch_size):
         if device.type == "cpu":
             keep_fair()  # threads sized to the CPUs other processes leave free
         batch = torch.from_numpy(np.ascontiguousarray(images[sl])).to(device)
         total = None
-        for offset in offsets:
-            x = eval_batch(batch, channels, size=size, offset=offset)  # (B, C, size, size)
+        for at in offsets:
+            x = eval_batch(batch, channels, size=size, offset=at)  # (B, C, size, size)
             scores = class_scores(model, x)  # (B, K)
             if multicrop and model.score_kind == "logit":
                 scores = scores.softmax(dim=1)

@@ -240,10 +240,13 @@ class ClassCaps(nn.Module):
         child_poses, transforms, offset = self.slot_inputs(poses)
         a_in = activations.reshape(poses.shape[0], 1, -1)  # (N, 1, S)
         beta_u, beta_a, lam = effective_parameters(
-            self.parametrisation, "class", self.beta_u, self.beta_a, self.final_lambda
+            self.parametrisation,
+            "class",
+            self.beta_u,
+            self.beta_a,
+            self.final_lambda,
+            self.beta_a_scale,
         )
-        if self.beta_a_scale != 1:
-            beta_a = beta_a * self.beta_a_scale  # β_a = scale × parameter: Adam moves it faster
         spec = layer_spec(self, lam, None)
         return RoutingInputs(child_poses, transforms, a_in, beta_u, beta_a, spec, offset)
 

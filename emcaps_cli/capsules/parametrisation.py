@@ -11,6 +11,9 @@ Procedure 1's activation is a_j = logistic(λ(β_a − Σ_h (β_u + log σ_h) Σ
   Initial s_b, a_b: 0.5, 0.5 in the conv capsules and 2.0, 1.0 in the class capsules; W std 0.3
   (conv) and 0.01 (class). Not reproduced: the code's M-step mean smoothing (0.9 new + 0.1 old)
   and its variance floor of 5e-4 (set `var_floor` for that).
+* Either form's β_a can be scaled once more (`beta_a_scale`, the class layer's
+  `ModelConfig.class_beta_a_scale`, default 1000 for "paper"): the parameter then moves the
+  threshold that many times faster under Adam (docs/model.md, "The class capsules' threshold").
 """
 
 from __future__ import annotations
@@ -41,10 +44,20 @@ def initialise_parameters(
 
 
 def effective_parameters(
-    kind: str, layer: str, beta_u: torch.Tensor, beta_a: torch.Tensor, final_lambda: float
+    kind: str,
+    layer: str,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    final_lambda: float,
+    beta_a_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(β_u, β_a, λ_max) in Procedure 1's form, from the layer's parameters."""
+    """(β_u, β_a, λ_max) in Procedure 1's form, from the layer's parameters; β_a is further
+    multiplied by `beta_a_scale` (the class layer's `class_beta_a_scale`)."""
     if kind == "paper":
-        return beta_u, beta_a, final_lambda
-    lam = _RELEASED[layer][3] * final_lambda
-    return beta_u * _U_SCALE, beta_a * _A_SCALE, lam
+        lam = final_lambda
+    else:
+        lam = _RELEASED[layer][3] * final_lambda
+        beta_u, beta_a = beta_u * _U_SCALE, beta_a * _A_SCALE
+    if beta_a_scale != 1:
+        beta_a = beta_a * beta_a_scale  # Adam moves β_a beta_a_scale times faster
+    return beta_u, beta_a, lam
