@@ -63,6 +63,7 @@ class ModelConfig:
                     moves the class activations' threshold this many times faster; None: 1000
                     for "paper", 1 for "released" (which scales its own); 1 is the plain
                     parameter (docs/model.md)
+    conv_beta_a_scale  the same for the two conv-capsule layers; 1: the plain parameter
     var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
     likelihood_power τ of the E-step: R_ij ∝ a_j p_ij^τ; 1 is Procedure 1, τ < 1 tempers the
                     assignments (docs/model.md)
@@ -78,9 +79,10 @@ class ModelConfig:
     coord_add: bool = True
     channels: int = 2
     routing: str = "exact"
-    final_lambda: float = 0.03
+    final_lambda: float = 0.05
     conv_final_lambda: float | None = 0.3
     class_beta_a_scale: float | None = None
+    conv_beta_a_scale: float = 1.0
     var_floor: float = 0.1
     likelihood_power: float = 0.1
     parametrisation: str = "paper"
@@ -111,12 +113,15 @@ class ModelConfig:
                             ("conv-final-lambda", self.conv_final_lambda)):  # fmt: skip
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise EmcapsError(f"--{name} {value}: expected a positive number")
-        scale = self.class_beta_a_scale
-        if scale is None:
-            scale = DEFAULT_CLASS_BETA_A_SCALE[self.parametrisation]
-        if not (math.isfinite(scale) and scale > 0):
-            raise EmcapsError(f"--class-beta-a-scale {scale}: expected a positive number")
-        object.__setattr__(self, "class_beta_a_scale", float(scale))
+        if self.class_beta_a_scale is None:
+            default = DEFAULT_CLASS_BETA_A_SCALE[self.parametrisation]
+            object.__setattr__(self, "class_beta_a_scale", default)
+        for name, scale in (("class-beta-a-scale", self.class_beta_a_scale),
+                            ("conv-beta-a-scale", self.conv_beta_a_scale)):  # fmt: skip
+            if not (math.isfinite(scale) and scale > 0):
+                raise EmcapsError(f"--{name} {scale}: expected a positive number")
+        object.__setattr__(self, "class_beta_a_scale", float(self.class_beta_a_scale))
+        object.__setattr__(self, "conv_beta_a_scale", float(self.conv_beta_a_scale))
         if not (math.isfinite(self.var_floor) and self.var_floor > 0):
             raise EmcapsError(f"--var-floor {self.var_floor}: expected a positive number")
         if not (math.isfinite(self.likelihood_power) and self.likelihood_power > 0):

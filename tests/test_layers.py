@@ -118,11 +118,11 @@ def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
     config = ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=0.3)
     net = build_model(config)
     assert (net.conv_caps1.final_lambda, net.conv_caps2.final_lambda) == (0.3, 0.3)
-    assert net.class_caps.final_lambda == config.final_lambda == 0.03
+    assert net.class_caps.final_lambda == config.final_lambda == 0.05
     default = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2))
     assert default.conv_caps1.final_lambda == 0.3
     paper = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=None))
-    assert paper.conv_caps1.final_lambda == 0.03
+    assert paper.conv_caps1.final_lambda == 0.05
     old = config.to_dict()
     del old["conv_final_lambda"]  # configs written before the field existed
     assert ModelConfig.from_dict(old).conv_final_lambda is None
@@ -130,33 +130,52 @@ def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
         ModelConfig(conv_final_lambda=0.0)
 
 
-def test_class_beta_a_scale_multiplies_the_class_threshold_only() -> None:
-    """β_a = scale × parameter in the class layer: the same network as the plain parameter
-    holding scale × the value, with a gradient scale times as large on the parameter."""
+@pytest.mark.parametrize(
+    ("field", "layer", "other"),
+    [
+        ("class_beta_a_scale", "class_caps", "conv_caps1"),
+        ("conv_beta_a_scale", "conv_caps1", "class_caps"),
+    ],  # fmt: skip
+)
+def test_beta_a_scale_multiplies_its_layers_threshold_only(
+    field: str, layer: str, other: str
+) -> None:
+    """β_a = scale × parameter: the same network as the plain parameter holding scale × the
+    value, with a gradient scale times as large on the parameter and none changed elsewhere."""
     torch.manual_seed(0)
-    scaled = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, class_beta_a_scale=1000.0))
-    plain = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, class_beta_a_scale=1.0))
+    plain_scales = {"class_beta_a_scale": 1.0, "conv_beta_a_scale": 1.0}
+    scaled = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, **{**plain_scales, field: 1000.0}))
+    plain = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, **plain_scales))
     plain.load_state_dict(scaled.state_dict())
+    scaled_beta = getattr(scaled, layer).beta_a
+    plain_beta = getattr(plain, layer).beta_a
     with torch.no_grad():
-        scaled.class_caps.beta_a.copy_(torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]) * 1e-3)
-        plain.class_caps.beta_a.copy_(scaled.class_caps.beta_a * 1000)
+        scaled_beta.copy_(torch.linspace(-1.0, 1.0, scaled_beta.numel()) * 1e-3)
+        plain_beta.copy_(scaled_beta * 1000)
     x = torch.randn(3, 2, 32, 32)
     out_scaled, out_plain = scaled(x), plain(x)
     torch.testing.assert_close(out_scaled, out_plain)
     out_scaled.sum().backward()
     out_plain.sum().backward()
+    torch.testing.assert_close(scaled_beta.grad, 1000 * plain_beta.grad, rtol=1e-4, atol=0)
     torch.testing.assert_close(
-        scaled.class_caps.beta_a.grad, 1000 * plain.class_caps.beta_a.grad, rtol=1e-4, atol=0
+        getattr(scaled, other).beta_a.grad, getattr(plain, other).beta_a.grad
     )
-    torch.testing.assert_close(scaled.conv_caps1.beta_a.grad, plain.conv_caps1.beta_a.grad)
 
+
+def test_beta_a_scale_defaults_by_parametrisation() -> None:
     assert ModelConfig().class_beta_a_scale == 1000.0
-    assert ModelConfig(parametrisation="released").class_beta_a_scale == 1.0
+    assert ModelConfig().conv_beta_a_scale == 1.0
+    released = ModelConfig(parametrisation="released")
+    assert released.class_beta_a_scale == released.conv_beta_a_scale == 1.0
     old = ModelConfig().to_dict()
-    del old["class_beta_a_scale"]  # configs written before the field existed
+    del old["class_beta_a_scale"], old["conv_beta_a_scale"]  # configs from before the fields
     assert ModelConfig.from_dict(old).class_beta_a_scale == 1.0
+    assert ModelConfig.from_dict(old).conv_beta_a_scale == 1.0
     with pytest.raises(EmcapsError, match="--class-beta-a-scale"):
         ModelConfig(class_beta_a_scale=0.0)
+    with pytest.raises(EmcapsError, match="--conv-beta-a-scale"):
+        ModelConfig(conv_beta_a_scale=float("nan"))
 
 
 def test_class_iters_sets_the_class_capsule_layer_only() -> None:

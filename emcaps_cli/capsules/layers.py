@@ -92,7 +92,8 @@ class ConvCaps(nn.Module):
 
     Transformation matrices depend on (kernel offset, child type, parent type). routing="exact"
     normalises each child's assignments over every parent whose receptive field holds it;
-    "patch" routes each K x K patch on its own.
+    "patch" routes each K x K patch on its own. The β_a the routing sees is `beta_a_scale`
+    times the parameter.
     """
 
     def __init__(
@@ -108,10 +109,11 @@ class ConvCaps(nn.Module):
         var_floor: float = VAR_FLOOR,
         parametrisation: str = "paper",
         likelihood_power: float = 1.0,
+        beta_a_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.var_floor, self.parametrisation = var_floor, parametrisation
-        self.likelihood_power = likelihood_power
+        self.likelihood_power, self.beta_a_scale = likelihood_power, beta_a_scale
         self.in_types, self.out_types = in_types, out_types
         self.kernel, self.stride, self.iters = kernel, stride, iters
         self.rows, self.row_len = pose_rows(pose)
@@ -161,7 +163,12 @@ class ConvCaps(nn.Module):
         positions, child_map, _ = self.geometry(h, w, poses.device)
         a_in = activations.reshape(n, h * w, b)[:, positions].reshape(n, positions.shape[0], -1)
         beta_u, beta_a, lam = effective_parameters(
-            self.parametrisation, "conv", self.beta_u, self.beta_a, self.final_lambda
+            self.parametrisation,
+            "conv",
+            self.beta_u,
+            self.beta_a,
+            self.final_lambda,
+            self.beta_a_scale,
         )
         spec = layer_spec(self, lam, child_map)
         return RoutingInputs(self.patches(poses), self.transforms, a_in, beta_u, beta_a, spec, None)

@@ -69,6 +69,12 @@ CLASS_BETA_A_SCALE = typer.Option(
     "[default: 1000, or 1 with --parametrisation released]",
     show_default=False,
 )
+CONV_BETA_A_SCALE = typer.Option(
+    DEFAULT.conv_beta_a_scale,
+    "--conv-beta-a-scale",
+    help="The same scale for the two conv-capsule layers' β_a; larger values saturated "
+    "their activations in our runs (docs/model.md).",
+)
 VAR_FLOOR = typer.Option(
     DEFAULT.var_floor,
     "--var-floor",

@@ -39,7 +39,7 @@ class CapsNet(nn.Module):
         )
         self.conv1 = nn.Conv2d(config.channels, a, kernel_size=5, stride=2)
         self.primary_caps = PrimaryCaps(a, b)
-        conv = dict(common, routing=config.routing)
+        conv = dict(common, routing=config.routing, beta_a_scale=config.conv_beta_a_scale)
         if config.conv_final_lambda is not None:
             conv["final_lambda"] = config.conv_final_lambda
         self.conv_caps1 = ConvCaps(b, c, kernel=3, stride=2, **conv)
