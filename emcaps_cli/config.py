@@ -79,7 +79,7 @@ class ModelConfig:
     coord_add: bool = True
     channels: int = 2
     routing: str = "exact"
-    final_lambda: float = 0.05
+    final_lambda: float = 0.03
     conv_final_lambda: float | None = 0.3
     class_beta_a_scale: float | None = None
     conv_beta_a_scale: float = 1.0

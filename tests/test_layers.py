@@ -118,11 +118,11 @@ def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
     config = ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=0.3)
     net = build_model(config)
     assert (net.conv_caps1.final_lambda, net.conv_caps2.final_lambda) == (0.3, 0.3)
-    assert net.class_caps.final_lambda == config.final_lambda == 0.05
+    assert net.class_caps.final_lambda == config.final_lambda == 0.03
     default = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2))
     assert default.conv_caps1.final_lambda == 0.3
     paper = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=None))
-    assert paper.conv_caps1.final_lambda == 0.05
+    assert paper.conv_caps1.final_lambda == 0.03
     old = config.to_dict()
     del old["conv_final_lambda"]  # configs written before the field existed
     assert ModelConfig.from_dict(old).conv_final_lambda is None

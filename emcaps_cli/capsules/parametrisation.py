@@ -13,7 +13,7 @@ Procedure 1's activation is a_j = logistic(λ(β_a − Σ_h (β_u + log σ_h) Σ
   and its variance floor of 5e-4 (set `var_floor` for that).
 * Either form's β_a can be scaled once more (`beta_a_scale`: `ModelConfig.class_beta_a_scale`,
   default 1000 for "paper", and `conv_beta_a_scale`, default 1): the parameter then moves
-  the threshold that many times faster under Adam (docs/model.md, "The capsules' thresholds").
+  the threshold that many times faster under Adam (docs/model.md, "The class capsules' threshold").
 """
 
 from __future__ import annotations
