@@ -109,25 +109,23 @@ class ModelConfig:
             raise EmcapsError(
                 f"--class-iters {self.class_iters}: need at least one routing iteration"
             )
-        for name, value in (("final-lambda", self.final_lambda),
-                            ("conv-final-lambda", self.conv_final_lambda)):  # fmt: skip
-            if value is not None and not (math.isfinite(value) and value > 0):
+        class_scale = self.class_beta_a_scale
+        if class_scale is None:
+            class_scale = DEFAULT_CLASS_BETA_A_SCALE[self.parametrisation]
+        conv_lambda = self.conv_final_lambda
+        positive = (
+            ("final-lambda", self.final_lambda),
+            ("conv-final-lambda", self.final_lambda if conv_lambda is None else conv_lambda),
+            ("class-beta-a-scale", class_scale),
+            ("conv-beta-a-scale", self.conv_beta_a_scale),
+            ("var-floor", self.var_floor),
+            ("likelihood-power", self.likelihood_power),
+        )
+        for name, value in positive:
+            if not (math.isfinite(value) and value > 0):
                 raise EmcapsError(f"--{name} {value}: expected a positive number")
-        if self.class_beta_a_scale is None:
-            default = DEFAULT_CLASS_BETA_A_SCALE[self.parametrisation]
-            object.__setattr__(self, "class_beta_a_scale", default)
-        for name, scale in (("class-beta-a-scale", self.class_beta_a_scale),
-                            ("conv-beta-a-scale", self.conv_beta_a_scale)):  # fmt: skip
-            if not (math.isfinite(scale) and scale > 0):
-                raise EmcapsError(f"--{name} {scale}: expected a positive number")
-        object.__setattr__(self, "class_beta_a_scale", float(self.class_beta_a_scale))
+        object.__setattr__(self, "class_beta_a_scale", float(class_scale))
         object.__setattr__(self, "conv_beta_a_scale", float(self.conv_beta_a_scale))
-        if not (math.isfinite(self.var_floor) and self.var_floor > 0):
-            raise EmcapsError(f"--var-floor {self.var_floor}: expected a positive number")
-        if not (math.isfinite(self.likelihood_power) and self.likelihood_power > 0):
-            raise EmcapsError(
-                f"--likelihood-power {self.likelihood_power}: expected a positive number"
-            )
         if self.channels not in (1, 2):
             raise EmcapsError(f"--channels {self.channels}: expected 1 or 2")
         object.__setattr__(self, "arch", tuple(int(v) for v in self.arch))

@@ -84,6 +84,8 @@ def predict_scores(
     (capsules) or of the softmax probabilities (CNN: logits are not comparable across crops,
     probabilities are).
     """
+    if multicrop and offset is not None:
+        raise ValueError("predict_scores: give multicrop or one crop offset, not both")
     device = next(model.parameters()).device
     channels = model_channels(model)
     size = int(model.config.input_size)  # the crop the network was built for

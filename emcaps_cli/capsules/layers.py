@@ -59,6 +59,18 @@ def layer_spec(layer: nn.Module, final_lambda: float, child_map) -> RoutingSpec:
     )
 
 
+def layer_parameters(layer: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(β_u, β_a, λ_max) the routing of a ConvCaps ("conv") or ClassCaps ("class") layer sees."""
+    return effective_parameters(
+        layer.parametrisation,
+        kind,
+        layer.beta_u,
+        layer.beta_a,
+        layer.final_lambda,
+        layer.beta_a_scale,
+    )
+
+
 def pose_rows(pose: str) -> tuple[int, int]:
     """(rows, row length) of a pose: (4, 4) for matrix poses, (1, 16) for vector poses."""
     return (4, 4) if pose == "matrix" else (1, 16)
@@ -162,14 +174,7 @@ class ConvCaps(nn.Module):
         n, h, w, b, _ = poses.shape
         positions, child_map, _ = self.geometry(h, w, poses.device)
         a_in = activations.reshape(n, h * w, b)[:, positions].reshape(n, positions.shape[0], -1)
-        beta_u, beta_a, lam = effective_parameters(
-            self.parametrisation,
-            "conv",
-            self.beta_u,
-            self.beta_a,
-            self.final_lambda,
-            self.beta_a_scale,
-        )
+        beta_u, beta_a, lam = layer_parameters(self, "conv")
         spec = layer_spec(self, lam, child_map)
         return RoutingInputs(self.patches(poses), self.transforms, a_in, beta_u, beta_a, spec, None)
 
@@ -246,14 +251,7 @@ class ClassCaps(nn.Module):
         """poses (N, H, W, D, 16), activations (N, H, W, D) -> the layer's routing problem."""
         child_poses, transforms, offset = self.slot_inputs(poses)
         a_in = activations.reshape(poses.shape[0], 1, -1)  # (N, 1, S)
-        beta_u, beta_a, lam = effective_parameters(
-            self.parametrisation,
-            "class",
-            self.beta_u,
-            self.beta_a,
-            self.final_lambda,
-            self.beta_a_scale,
-        )
+        beta_u, beta_a, lam = layer_parameters(self, "class")
         spec = layer_spec(self, lam, None)
         return RoutingInputs(child_poses, transforms, a_in, beta_u, beta_a, spec, offset)
 
