@@ -167,7 +167,7 @@ def parse_arch(text: str) -> tuple[int, int, int, int]:
 
 
 # What runs written before a TrainConfig field existed used (their config.json lacks it).
-TRAIN_LEGACY_DEFAULTS = {"augment_warmup": 0.0, "ema_decay": 0.0}
+TRAIN_LEGACY_DEFAULTS = {"augment_warmup": 0.0, "ema_decay": 0.0, "front_lr_scale": 1.0}
 
 # Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
 DEFAULT_LR = {"capsnet": 2e-2, "cnn": 3e-4}
@@ -182,6 +182,8 @@ class TrainConfig:
     batch_size      images per optimiser step per process (effective batch = × processes)
     lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
                     DEFAULT_LR of the model (docs/training.md)
+    front_lr_scale  the capsule network's ordinary convolutions (conv1 and the primary
+                    capsules' 1x1 convolutions) learn at this multiple of lr; the CNN ignores it
     margin_epochs   spread-loss margin reaches 0.9 after this many epochs; None: epochs / 2
     validation_fraction  share of the (split-filtered) training images held out for best.pt
     stop_at_error   stop once the familiar-view test error (a fraction) is <= this value
@@ -204,6 +206,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float | None = None
     lr_decay: float = 0.96
+    front_lr_scale: float = 1.0
     weight_decay: float = 0.0
     margin_epochs: float | None = None
     seed: int = 0
@@ -231,6 +234,10 @@ class TrainConfig:
                 f"--lr {self.lr}: expected a positive number",
             ),
             (0 < self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: expected 0 < decay <= 1"),
+            (
+                math.isfinite(self.front_lr_scale) and self.front_lr_scale > 0,
+                f"--front-lr-scale {self.front_lr_scale}: expected a positive number",
+            ),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
             (
                 math.isfinite(self.augment_warmup) and self.augment_warmup >= 0,

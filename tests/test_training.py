@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from emcaps_cli.models import build_model
 from emcaps_cli.routing import backend as routing_backend
 from emcaps_cli.training.data import epoch_permutation, split_indices
 from emcaps_cli.training.loop import TrainingInterrupted, resume_config, train
+from emcaps_cli.training.schedule import parameter_groups
 from emcaps_cli.utils.reporter import Reporter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -472,3 +474,53 @@ def test_each_model_has_its_own_default_loss() -> None:
     assert TrainConfig(model=ModelConfig(model="cnn")).resolved().loss == "cross-entropy"
     assert TrainConfig(model=ModelConfig(model="capsnet")).resolved().loss == "spread"
     assert TrainConfig(loss="margin").resolved().loss == "margin"
+
+
+# --- the front's learning rate ----------------------------------------------------------------
+
+
+class TinyFrontNet(TinyNet):
+    """TinyNet whose convolution is its "front", as conv1 and the primary capsules are the
+    capsule network's."""
+
+    def front_parameters(self) -> list[nn.Parameter]:
+        return list(self.features.parameters())
+
+
+def test_the_capsule_networks_front_is_conv1_and_the_primary_capsules() -> None:
+    model = build_model(ModelConfig(arch=(8, 2, 2, 2)))
+    groups = parameter_groups(model, 0.3)
+    front = {id(p) for p in [*model.conv1.parameters(), *model.primary_caps.parameters()]}
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.3]
+    assert {id(p) for p in groups[1]["params"]} == front
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in model.parameters())
+    assert len(parameter_groups(model, 1.0)) == 1
+    cnn = build_model(ModelConfig(model="cnn"))
+    assert len(parameter_groups(cnn, 0.3)) == 1  # the CNN has no front
+
+
+def test_the_front_learns_at_its_scale_of_the_learning_rate(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
+    config = cnn_config(cache, tmp_path / "run", front_lr_scale=1e-3, ema_decay=0.0)
+    torch.manual_seed(config.seed)
+    start = TinyFrontNet(config.model).state_dict()
+    train(config, False, build_model=TinyFrontNet)
+    end = weights(tmp_path / "run" / "last.pt")
+    moved = {k: (end[k] - start[k]).abs().max().item() for k in start}
+    # Adam moves a parameter by at most about 3·lr a step (β1 0.9, β2 0.999); 5 steps here.
+    bound = 5 * 3.2 * config.lr
+    assert max(moved["features.0.weight"], moved["features.0.bias"]) < bound * 1e-3
+    assert moved["head.weight"] > bound * 1e-2
+
+
+def test_configs_written_before_the_front_learning_rate_scale_existed_load_with_1() -> None:
+    old = TrainConfig().to_dict()
+    del old["front_lr_scale"]
+    assert TrainConfig.from_dict(old).front_lr_scale == 1.0
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan])
+def test_a_front_learning_rate_scale_that_is_not_positive_is_refused(value: float) -> None:
+    with pytest.raises(EmcapsError, match="--front-lr-scale"):
+        TrainConfig(front_lr_scale=value)

@@ -210,6 +210,13 @@ LR_DECAY = typer.Option(
     "--lr-decay",
     help="Learning rate × this after every epoch (exponential decay).",
 )
+FRONT_LR_SCALE = typer.Option(
+    DEFAULT.front_lr_scale,
+    "--front-lr-scale",
+    metavar="F",
+    help="Capsule network: conv1 and the primary capsules' 1x1 convolutions learn at F x the "
+    "learning rate (the capsule layers at 1 x); the CNN ignores it.",
+)
 WEIGHT_DECAY = typer.Option(DEFAULT.weight_decay, "--weight-decay", help="Adam L2 weight decay.")
 MARGIN_EPOCHS = typer.Option(
     DEFAULT.margin_epochs,
@@ -321,6 +328,7 @@ def train_command(
     batch_size: int = BATCH_SIZE,
     lr: float | None = LR,
     lr_decay: float = LR_DECAY,
+    front_lr_scale: float = FRONT_LR_SCALE,
     weight_decay: float = WEIGHT_DECAY,
     margin_epochs: float | None = MARGIN_EPOCHS,
     seed: int = SEED,

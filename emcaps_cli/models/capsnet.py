@@ -58,6 +58,10 @@ class CapsNet(nn.Module):
         rows, cols = torch.meshgrid(centres, centres, indexing="ij")
         self.class_caps.coordinates = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)
 
+    def front_parameters(self) -> list[nn.Parameter]:
+        """The ordinary convolutions' parameters: conv1 and the primary capsules' 1x1 convs."""
+        return [*self.conv1.parameters(), *self.primary_caps.parameters()]
+
     def grid_sizes(self) -> list[int]:
         """Side of every spatial grid, from conv1's output to conv_caps2's."""
         sizes, side = [], self.config.input_size

@@ -59,7 +59,7 @@ from emcaps_cli.training.rundir import (
     write_json,
     write_metrics,
 )
-from emcaps_cli.training.schedule import Schedule
+from emcaps_cli.training.schedule import Schedule, parameter_groups
 from emcaps_cli.training.signals import StopRequest, TrainingInterrupted
 from emcaps_cli.training.state import (
     Progress,
@@ -241,7 +241,8 @@ def _start(
     data = load_device_data(config, device)
     torch.manual_seed(config.seed)
     model = parts.build_model(config.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    groups = parameter_groups(model, config.front_lr_scale)
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     augment = torch.Generator(device=device)
     seed_rngs(config.seed, ctx.rank, augment)
     kernels = routing_kernels(config.model, device)
@@ -362,7 +363,7 @@ def train_one_epoch(run: _Run, stop: StopRequest) -> tuple[float, _EpochSums]:
     config, ctx, device, p = run.config, run.ctx, run.device, run.progress
     lr = run.schedule.learning_rate(p.epoch)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before the scale: 1 group
     usable = run.schedule.per_rank * ctx.world
     n_train = len(run.data.train.labels)
     order = epoch_permutation(n_train, config.seed, p.epoch)[:usable]

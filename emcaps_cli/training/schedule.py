@@ -10,10 +10,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from emcaps_cli.config import TrainConfig
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import spread_margin
+
+
+def parameter_groups(model: torch.nn.Module, front_lr_scale: float) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups, each with the `lr_scale` its learning rate is
+    multiplied by: one group, unless the model has `front_parameters` (the capsule network)
+    and `front_lr_scale` is not 1, then those parameters form a second group."""
+    front = getattr(model, "front_parameters", None)
+    if front is None or front_lr_scale == 1:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    front_ids = {id(p) for p in front()}
+    rest = [p for p in model.parameters() if id(p) not in front_ids]
+    front_params = [p for p in model.parameters() if id(p) in front_ids]
+    return [
+        {"params": rest, "lr_scale": 1.0},
+        {"params": front_params, "lr_scale": front_lr_scale},
+    ]
 
 
 def augment_strength(step: int, warmup_steps: float) -> float:
