@@ -206,7 +206,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float | None = None
     lr_decay: float = 0.96
-    front_lr_scale: float = 1.0
+    front_lr_scale: float = 0.3
     weight_decay: float = 0.0
     margin_epochs: float | None = None
     seed: int = 0
