@@ -125,12 +125,13 @@ def test_small_model_learns_a_learnable_set_well_above_chance(tmp_path: Path) ->
 
 
 def test_tiny_capsule_network_learns_above_chance(tmp_path: Path) -> None:
-    """With one iteration and the former variance floor: the default floor (0.1) exceeds the
-    vote spread of so small a network and stalls it for the first epochs (docs/model.md)."""
+    """With one iteration, the former variance floor and the capsule network's learning rate:
+    the default floor (0.1) exceeds the vote spread of so small a network and stalls it for
+    the first epochs (docs/model.md)."""
     cache = make_cache(tmp_path / "c.h5", n_train=200, n_test=50)
     capsnet = ModelConfig(model="capsnet", arch=(8, 4, 4, 4), iters=1, var_floor=1e-4)
     steps = StepLosses()
-    config = cnn_config(cache, tmp_path / "run", model=capsnet, epochs=2, batch_size=16)
+    config = cnn_config(cache, tmp_path / "run", model=capsnet, epochs=2, batch_size=16, lr=2e-2)
     result = train(config, reporter=steps)
     assert all(np.isfinite(steps.losses))
     assert result.last_metrics["test_error"] < 0.5  # chance is 0.8
