@@ -1,7 +1,7 @@
 """Speed and memory of the capsule network: images/s for inference and for a training step
 (forward + spread loss + backward + Adam + the weight average's update, as `emcaps train`
-with its default --ema-decay), peak memory, fused vs plain-autograd routing, and the
-fast EM routing against the loop reference of Procedure 1 on a reduced shape.
+with its default --front-lr-scale and --ema-decay), peak memory, fused vs plain-autograd
+routing, and the fast EM routing against the loop reference of Procedure 1 on a reduced shape.
 
 Each measurement runs in its own subprocess so that peak RSS (CPU) belongs to it alone.
 
@@ -71,6 +71,7 @@ def measure(args) -> dict:
     from emcaps_cli.routing.c import backend as c_backend
     from emcaps_cli.routing.fused import plain_route
     from emcaps_cli.training.averaging import WeightAverage
+    from emcaps_cli.training.schedule import parameter_groups
     from emcaps_cli.utils.allocator import keep_freed_memory
     from emcaps_cli.utils.device import resolve_device
     from emcaps_cli.utils.threads import ThreadGovernor
@@ -114,8 +115,9 @@ def measure(args) -> dict:
                 network(x)
     else:
         model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        average = WeightAverage.of(model, TrainConfig().ema_decay)  # as emcaps train
+        defaults = TrainConfig()  # the optimiser groups and weight average of emcaps train
+        opt = torch.optim.Adam(parameter_groups(model, defaults.front_lr_scale), lr=1e-3)
+        average = WeightAverage.of(model, defaults.ema_decay)
         steps = [0]
 
         def step():
