@@ -26,9 +26,9 @@ def parameter_groups(model: torch.nn.Module, front_lr_scale: float) -> list[dict
     front = getattr(model, "front_parameters", None)
     if front is None or front_lr_scale == 1:
         return [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    front_ids = {id(p) for p in front()}
+    front_params = front()
+    front_ids = {id(p) for p in front_params}
     rest = [p for p in model.parameters() if id(p) not in front_ids]
-    front_params = [p for p in model.parameters() if id(p) in front_ids]
     return [
         {"params": rest, "lr_scale": 1.0},
         {"params": front_params, "lr_scale": front_lr_scale},
