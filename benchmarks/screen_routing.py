@@ -517,8 +517,12 @@ def crop_only_batch(
     generator: torch.Generator,
     size: int = 32,
     strength: float = 1.0,
+    order: str = "image",
 ) -> torch.Tensor:
-    """`transforms.train_batch` without the brightness and contrast jitter."""
+    """`transforms.train_batch` without the brightness and contrast jitter (with order
+    "crop" it has none anyway)."""
+    if order == "crop":
+        return transforms.train_batch(images, channels, generator, size, strength, order)
     x = transforms.standardize(transforms.select_channels(images, channels))
     return transforms.random_crop(x, size, generator, reach=strength)
 
@@ -580,7 +584,11 @@ def activation_summary(run_dir: Path, data: Path) -> dict[str, str]:
     model.load_state_dict(checkpoint["model_state"])
     model.eval()
     images = load_cache(data).test.images[:DIAG_IMAGES]
-    x = transforms.eval_batch(torch.from_numpy(np.ascontiguousarray(images)), model.config.channels)
+    x = transforms.eval_batch(
+        torch.from_numpy(np.ascontiguousarray(images)),
+        model.config.channels,
+        order=model.config.standardize,
+    )
     outputs = model.forward_layers(x)  # name -> (poses, activations)
     stats = {short: outputs[name][1] for short, name in DIAG_LAYERS.items()}
     return {short: f"{a.mean().item():.2f}±{a.std().item():.2f}" for short, a in stats.items()}

@@ -14,12 +14,14 @@ from typing import Any
 
 from emcaps_cli.defaults import (
     DEFAULT_DATA,
+    DEFAULT_STANDARDIZE,
     LOSSES,
     MODELS,
     PARAMETRISATIONS,
     POSES,
     ROUTINGS,
     SPLITS,
+    STANDARDIZES,
 )
 from emcaps_cli.errors import EmcapsError
 
@@ -29,6 +31,7 @@ LEGACY_DEFAULTS = {
     "likelihood_power": 1.0,
     "conv_final_lambda": None,
     "class_beta_a_scale": 1.0,
+    "standardize": "image",
 }
 # The class layer's β_a scale when none is given, by parametrisation (docs/model.md).
 DEFAULT_CLASS_BETA_A_SCALE = {"paper": 1000.0, "released": 1.0}
@@ -69,6 +72,11 @@ class ModelConfig:
                     assignments (docs/model.md)
     parametrisation how β_u, β_a and λ enter the routing and are initialised: "paper" or
                     "released" (the authors' code; capsules/parametrisation.py)
+    standardize     where the input is standardised to zero mean and unit variance: "crop",
+                    the 32x32 crop the network reads (the authors' released code), or "image",
+                    the 48x48 image before cropping, followed by the brightness/contrast jitter
+                    (section 5's text); evaluation and attacks prepare images the same way
+                    (data/transforms.py, docs/training.md)
     """
 
     model: str = "capsnet"
@@ -86,6 +94,7 @@ class ModelConfig:
     var_floor: float = 0.1
     likelihood_power: float = 0.1
     parametrisation: str = "paper"
+    standardize: str = DEFAULT_STANDARDIZE
     num_classes: int = 5
     input_size: int = 32
 
@@ -98,6 +107,10 @@ class ModelConfig:
             raise EmcapsError(
                 f"--parametrisation {self.parametrisation}: expected one of "
                 + ", ".join(PARAMETRISATIONS)
+            )
+        if self.standardize not in STANDARDIZES:
+            raise EmcapsError(
+                f"--standardize {self.standardize}: expected one of {', '.join(STANDARDIZES)}"
             )
         if self.routing not in ROUTINGS:
             raise EmcapsError(f"--routing {self.routing}: expected one of {', '.join(ROUTINGS)}")

@@ -41,6 +41,13 @@ class Parametrisation(Choice):
     released = "released"  # the authors' released code
 
 
+class Standardize(Choice):
+    """Where an image is standardised to zero mean and unit variance (data/transforms.py)."""
+
+    image = "image"  # the 48x48 image, before cropping; then brightness/contrast (section 5)
+    crop = "crop"  # the 32x32 crop the network reads (the authors' released code)
+
+
 class Loss(Choice):
     spread = "spread"
     margin = "margin"
@@ -78,6 +85,8 @@ MODELS = values(Model)
 POSES = values(Pose)
 ROUTINGS = values(Routing)
 PARAMETRISATIONS = values(Parametrisation)
+STANDARDIZES = values(Standardize)
+DEFAULT_STANDARDIZE = Standardize.crop.value  # ModelConfig's (docs/training.md, "Input")
 LOSSES = values(Loss)
 SPLITS = values(ViewpointSplit)
 METHODS = values(AttackMethod)

@@ -63,6 +63,11 @@ def model_channels(model: nn.Module) -> int:
     return int(model.config.channels)
 
 
+def model_standardize(model: nn.Module) -> str:
+    """Where the network's input is standardised (ModelConfig.standardize)."""
+    return str(model.config.standardize)
+
+
 def class_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Standardised crops (N, channels, 32, 32) -> class scores (N, K), without autograd."""
     with torch.no_grad():
@@ -89,6 +94,7 @@ def predict_scores(
     device = next(model.parameters()).device
     channels = model_channels(model)
     size = int(model.config.input_size)  # the crop the network was built for
+    order = model_standardize(model)
     offsets = multicrop_offsets(images.shape[-1], size) if multicrop else [offset]
     out = []
     for sl in batch_slices(len(images), batch_size):
@@ -97,7 +103,7 @@ def predict_scores(
         batch = torch.from_numpy(np.ascontiguousarray(images[sl])).to(device)
         total = None
         for at in offsets:
-            x = eval_batch(batch, channels, size=size, offset=at)  # (B, C, size, size)
+            x = eval_batch(batch, channels, size=size, offset=at, order=order)  # (B, C, s, s)
             scores = class_scores(model, x)  # (B, K)
             if multicrop and model.score_kind == "logit":
                 scores = scores.softmax(dim=1)

@@ -18,6 +18,7 @@ from torch import nn
 from emcaps_cli.checkpoint import save_checkpoint
 from emcaps_cli.config import ModelConfig, default_loss
 from emcaps_cli.data.transforms import train_batch
+from emcaps_cli.defaults import DEFAULT_STANDARDIZE
 from emcaps_cli.losses import get_loss
 from emcaps_cli.models import build_model
 
@@ -80,7 +81,8 @@ def make_checkpoint(
         net.train()
         for _ in range(train_steps):
             index = torch.randint(0, len(labels), (32,), generator=generator)
-            x = train_batch(torch.from_numpy(images[index.numpy()]), net.config.channels, generator)
+            batch = torch.from_numpy(images[index.numpy()])
+            x = train_batch(batch, net.config.channels, generator, order=net.config.standardize)
             optimizer.zero_grad()
             loss_fn(net(x), torch.from_numpy(labels[index.numpy()]), 0.9).backward()
             optimizer.step()
@@ -99,12 +101,22 @@ class LinearScores(nn.Module):
 
     score_kind = "logit"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, channels: int = 2) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        channels: int = 2,
+        standardize: str = DEFAULT_STANDARDIZE,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)  # (K, C*32*32)
         self.bias = nn.Parameter(bias)  # (K,)
         self.config = SimpleNamespace(
-            channels=channels, num_classes=weight.shape[0], model="lin", input_size=32
+            channels=channels,
+            num_classes=weight.shape[0],
+            model="lin",
+            input_size=32,
+            standardize=standardize,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,16 @@ def test_transfer_uses_the_source_gradients(files: dict[str, Path], test_images:
         assert result["source"]["checkpoint"] == str(files["other"])
 
 
+def test_transfer_between_differently_standardised_inputs_is_refused() -> None:
+    weight, bias = torch.randn(5, 2 * 32 * 32), torch.randn(5)
+    source = AttackModel("per-crop", LinearScores(weight, bias, standardize="crop"), "margin")
+    victim = AttackModel("per-image", LinearScores(weight, bias, standardize="image"), "margin")
+    images = np.zeros((2, 2, 48, 48), dtype=np.uint8)
+    data = Split(images, np.zeros(2, dtype=np.int64), np.zeros((2, 4), dtype=np.int64))
+    with pytest.raises(EmcapsError, match="per-image: standardises its input per image"):
+        run_attack(source, [victim], data, AttackSettings(eps=(0.0,)))
+
+
 def test_gradient_diagnostics_count_exact_zeros() -> None:
     weight = torch.randn(5, 2 * 32 * 32, generator=torch.Generator().manual_seed(0))
     weight[:, : 32 * 32] = 0  # the left view never matters: half the gradient is exactly 0

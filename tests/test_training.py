@@ -414,6 +414,15 @@ def test_configs_written_before_the_variance_floor_existed_load_with_its_old_val
     assert ModelConfig().var_floor == 0.1
 
 
+def test_configs_written_before_the_standardisation_choice_standardise_the_image() -> None:
+    old = ModelConfig().to_dict()
+    del old["standardize"]
+    assert ModelConfig.from_dict(old).standardize == "image"
+    assert ModelConfig().standardize == "crop"
+    with pytest.raises(EmcapsError, match="--standardize pixel"):
+        ModelConfig(standardize="pixel")
+
+
 def test_configs_written_before_the_tempered_e_step_load_as_procedure_1() -> None:
     old = ModelConfig().to_dict()
     del old["likelihood_power"]

@@ -1,4 +1,4 @@
-"""Training augmentation (section 5) and its warm-up."""
+"""Training augmentation (section 5) and its warm-up, in both standardisation orders."""
 
 import pytest
 import torch
@@ -12,20 +12,69 @@ def images(n=6, seed=0):
     return torch.randint(0, 256, (n, 2, 48, 48), generator=g, dtype=torch.uint8)
 
 
-def test_zero_strength_is_the_centre_crop():
+ORDERS = ["crop", "image"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_zero_strength_is_the_centre_crop(order):
     x = images()
-    out = train_batch(x, 2, torch.Generator().manual_seed(1), strength=0.0)
-    torch.testing.assert_close(out, eval_batch(x, 2), atol=1e-5, rtol=0)
+    out = train_batch(x, 2, torch.Generator().manual_seed(1), strength=0.0, order=order)
+    torch.testing.assert_close(out, eval_batch(x, 2, order=order), atol=1e-5, rtol=0)
 
 
-def test_full_strength_crops_anywhere_and_jitters():
+@pytest.mark.parametrize("order", ORDERS)
+def test_full_strength_crops_anywhere_and_jitters(order):
     x = images(64)
-    out = train_batch(x, 2, torch.Generator().manual_seed(1))
-    centre = eval_batch(x, 2)
-    assert (out - centre).abs().amax(dim=(1, 2, 3)).min() > 0.01  # every image changed
+    out = train_batch(x, 2, torch.Generator().manual_seed(1), order=order)
+    centre = eval_batch(x, 2, order=order)
+    changed = (out - centre).abs().amax(dim=(1, 2, 3)) > 0.01  # (64,)
+    if order == "image":
+        assert changed.all()  # the jitter changes every image
+    else:
+        assert changed.float().mean() > 0.9  # only the crop: 1 in 289 windows is the centre
 
 
-def test_half_strength_stays_within_half_the_shift():
+def test_crop_order_standardises_what_the_network_reads():
+    """ "crop": every training and test crop has zero mean and unit variance; "image": the
+    48x48 image has, its crops in general do not."""
+    x = images(16)
+    for out in (
+        train_batch(x, 2, torch.Generator().manual_seed(3), order="crop"),
+        eval_batch(x, 2, order="crop"),
+        eval_batch(x, 2, offset=(0, 16), order="crop"),
+    ):
+        torch.testing.assert_close(out.mean(dim=(1, 2, 3)), torch.zeros(16), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out.std(dim=(1, 2, 3), unbiased=False), torch.ones(16), atol=1e-4, rtol=0
+        )
+    image_order = eval_batch(x, 2, order="image")
+    assert (image_order.std(dim=(1, 2, 3), unbiased=False) - 1).abs().max() > 1e-3
+
+
+def test_crop_order_cancels_brightness_and_contrast():
+    """The released code's jitter comes before the crop's standardisation, which removes it:
+    a brightness shift and a contrast scaling of the raw image change nothing."""
+    x = images(8)
+    jittered = x.float() * 0.6 + 40.0  # contrast 0.6 about 0, brightness +40 grey levels
+    g = torch.Generator().manual_seed(4)
+    torch.testing.assert_close(
+        train_batch(jittered, 2, torch.Generator().manual_seed(4), order="crop"),
+        train_batch(x, 2, g, order="crop"),
+        atol=1e-4,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        eval_batch(jittered, 2, order="crop"), eval_batch(x, 2, order="crop"), atol=1e-4, rtol=0
+    )
+
+
+def test_an_unknown_order_is_refused():
+    with pytest.raises(ValueError, match="standardize='pixel'"):
+        eval_batch(images(), 2, order="pixel")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_half_strength_stays_within_half_the_shift(order):
     """At strength 0.5 the 32x32 window starts within ±4 px of the centre (8, 8): a marker
     pixel just outside that reach never shows."""
     x = torch.zeros(200, 2, 48, 48, dtype=torch.uint8)
@@ -37,8 +86,8 @@ def test_half_strength_stays_within_half_the_shift():
         z = (out - out.mean(dim=(1, 2, 3), keepdim=True)) / out.std(dim=(1, 2, 3), keepdim=True)
         return z.amax(dim=(1, 2, 3))
 
-    half = peaks(train_batch(x, 2, torch.Generator().manual_seed(2), strength=0.5))
-    full = peaks(train_batch(x, 2, torch.Generator().manual_seed(2), strength=1.0))
+    half = peaks(train_batch(x, 2, torch.Generator().manual_seed(2), strength=0.5, order=order))
+    full = peaks(train_batch(x, 2, torch.Generator().manual_seed(2), strength=1.0, order=order))
     assert torch.allclose(half, half[0], atol=1e-4)  # only the centre pixel ever shows
     assert not torch.allclose(full, full[0], atol=1e-4)
 

@@ -123,6 +123,10 @@ class AttackModel:
     def channels(self) -> int:
         return int(self.model.config.channels)
 
+    @property
+    def standardize(self) -> str:
+        return str(self.model.config.standardize)
+
 
 def load_attack_model(
     path: str | os.PathLike, device: Any = "cpu", loss_name: str | None = None
@@ -165,6 +169,11 @@ def _check_same_input(attacker: AttackModel, victims: Sequence[AttackModel]) -> 
             raise EmcapsError(
                 f"{victim.name}: takes {victim.channels} input channel(s) but the source "
                 f"{attacker.name} takes {attacker.channels}; transfer needs the same input"
+            )
+        if victim.standardize != attacker.standardize:
+            raise EmcapsError(
+                f"{victim.name}: standardises its input per {victim.standardize} but the source "
+                f"{attacker.name} per {attacker.standardize}; transfer needs the same input"
             )
 
 
@@ -286,7 +295,12 @@ def run_attack(
         if device.type == "cpu":
             keep_fair()  # threads sized to the CPUs other processes leave free
         images = torch.from_numpy(data.images[sl]).to(device)
-        x = eval_batch(images, attacker.channels, size=int(attacker.model.config.input_size))
+        x = eval_batch(
+            images,
+            attacker.channels,
+            size=int(attacker.model.config.input_size),
+            order=attacker.standardize,
+        )
         y = torch.from_numpy(data.labels[sl]).to(device)
         _attack_batch(attacker, victims, settings, targets, x, y, tally, progress)
     seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from emcaps_cli.config import ModelConfig, parse_arch
-from emcaps_cli.defaults import Model, Parametrisation, Pose, Routing
+from emcaps_cli.defaults import Model, Parametrisation, Pose, Routing, Standardize
 
 DEFAULT = ModelConfig()
 
@@ -94,6 +94,15 @@ PARAMETRISATION = typer.Option(
     "code: β_a = −2500·a_b, β_u = 1.42·s_b, λ ×2, class layer λ/4, their initial values; "
     "docs/model.md).",
 )
+STANDARDIZE = typer.Option(
+    Standardize(DEFAULT.standardize),
+    "--standardize",
+    help="Where each input is scaled to zero mean and unit variance: crop (the 32x32 crop the "
+    "network reads, as the authors' released code; training augmentation is the random crop, "
+    "the brightness/contrast jitter would cancel) | image (the 48x48 image, before the crop, "
+    "then the jitter: section 5's text). Evaluation and attacks follow the checkpoint "
+    "(docs/training.md).",
+)
 
 
 def model_config(
@@ -106,11 +115,14 @@ def model_config(
     routing: Routing | str,
     final_lambda: float,
     parametrisation: Parametrisation | str | None = None,
+    standardize: Standardize | str | None = None,
     **routing_options: Any,
 ) -> ModelConfig:
     """The ModelConfig of the options' values; a choice may be its member or its value."""
     if parametrisation is not None:
         routing_options["parametrisation"] = Parametrisation(parametrisation).value
+    if standardize is not None:
+        routing_options["standardize"] = Standardize(standardize).value
     return ModelConfig(
         **routing_options,
         model=Model(model).value,

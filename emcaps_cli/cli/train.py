@@ -29,6 +29,7 @@ from emcaps_cli.defaults import (
     Parametrisation,
     Pose,
     Routing,
+    Standardize,
     ViewpointSplit,
 )
 from emcaps_cli.errors import EmcapsError
@@ -140,6 +141,7 @@ MODEL_OPTIONS = (
     "var_floor",
     "likelihood_power",
     "parametrisation",
+    "standardize",
 )
 
 
@@ -266,8 +268,8 @@ LIMIT_TEST = typer.Option(
 AUGMENT = typer.Option(
     DEFAULT.augment,
     "--augment/--no-augment",
-    help="Training images: random 32x32 crop of the 48x48 image plus random brightness and "
-    "contrast (section 5), or the centre crop only.",
+    help="Training images: random 32x32 crop of the 48x48 image (plus random brightness and "
+    "contrast with --standardize image, section 5), or the centre crop only.",
 )
 AUGMENT_WARMUP = typer.Option(
     DEFAULT.augment_warmup,
@@ -323,6 +325,7 @@ def train_command(
     var_floor: float = opts.VAR_FLOOR,
     likelihood_power: float = opts.LIKELIHOOD_POWER,
     parametrisation: Parametrisation = opts.PARAMETRISATION,
+    standardize: Standardize = opts.STANDARDIZE,
     loss: Loss | None = LOSS,
     epochs: int = EPOCHS,
     batch_size: int = BATCH_SIZE,

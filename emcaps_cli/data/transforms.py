@@ -1,18 +1,28 @@
 """Image preparation shared by training, evaluation and attacks (section 5).
 
-Order, as in the paper: per-image standardisation of the 48x48 image (zero mean, unit variance
-over all its channels and pixels), then a crop of the network's input size
-(ModelConfig.input_size, 32x32): random for training, centre for test; then, for training
-only, random brightness and contrast. All functions work on batches on any device; randomness
-comes from an explicit `torch.Generator` on the batch's device.
+Two orders, by ModelConfig.standardize:
 
-Units: after `standardize`, one unit is one standard deviation of that image's pixels; the
-attack ε is measured in these units.
+* "image" (section 5's text): per-image standardisation of the 48x48 image (zero mean, unit
+  variance over all its channels and pixels), then a crop of the network's input size
+  (ModelConfig.input_size, 32x32): random for training, centre for test; then, for training
+  only, random brightness and contrast.
+* "crop" (the authors' released code): the crop first, then the crop is standardised. The
+  released code draws brightness and contrast before that standardisation, which removes
+  them again (a shift of every pixel and a scaling about the mean cancel exactly), so none
+  is drawn here: training augmentation is the random crop alone.
+
+All functions work on batches on any device; randomness comes from an explicit
+`torch.Generator` on the batch's device.
+
+Units: after standardisation, one unit is one standard deviation of the pixels of the image
+("image") or of the crop ("crop"); the attack ε is measured in these units.
 """
 
 from __future__ import annotations
 
 import torch
+
+from emcaps_cli.defaults import DEFAULT_STANDARDIZE, STANDARDIZES
 
 CROP_SIZE = 32  # side of the crop every network reads (ModelConfig.input_size)
 # Training-time photometric jitter, in standardised units.
@@ -113,19 +123,30 @@ def random_brightness_contrast(
     return (images - mean) * contrast + mean + brightness
 
 
+def require_order(order: str) -> None:
+    """Raise ValueError unless `order` is a ModelConfig.standardize value."""
+    if order not in STANDARDIZES:
+        raise ValueError(f"standardize={order!r}: expected one of {', '.join(STANDARDIZES)}")
+
+
 def train_batch(
     images: torch.Tensor,
     channels: int,
     generator: torch.Generator,
     size: int = CROP_SIZE,
     strength: float = 1.0,
+    order: str = DEFAULT_STANDARDIZE,
 ) -> torch.Tensor:
     """uint8 (N, 2, H, W) -> augmented float (N, channels, size, size); size is the network's
-    ModelConfig.input_size, at most H and W (ValueError otherwise).
+    ModelConfig.input_size, at most H and W (ValueError otherwise); order is its
+    ModelConfig.standardize.
 
     strength in [0, 1] scales the augmentation: 0 is the centre crop, 1 the full ranges."""
-    x = standardize(select_channels(images, channels))
-    cropped = random_crop(x, size, generator, reach=strength)
+    require_order(order)
+    x = select_channels(images, channels)
+    if order == "crop":
+        return standardize(random_crop(x.float(), size, generator, reach=strength))
+    cropped = random_crop(standardize(x), size, generator, reach=strength)
     return random_brightness_contrast(cropped, generator, strength)
 
 
@@ -134,8 +155,14 @@ def eval_batch(
     channels: int,
     size: int = CROP_SIZE,
     offset: tuple[int, int] | None = None,
+    order: str = DEFAULT_STANDARDIZE,
 ) -> torch.Tensor:
     """uint8 (N, 2, H, W) -> standardised crop (N, channels, size, size); centre by default.
-    size is the network's ModelConfig.input_size, at most H and W (ValueError otherwise)."""
-    x = standardize(select_channels(images, channels))
-    return center_crop(x, size) if offset is None else crop(x, offset[0], offset[1], size)
+    size is the network's ModelConfig.input_size, at most H and W (ValueError otherwise);
+    order is its ModelConfig.standardize."""
+    require_order(order)
+    x = select_channels(images, channels)
+    if order == "image":
+        x = standardize(x)
+    out = center_crop(x, size) if offset is None else crop(x, offset[0], offset[1], size)
+    return standardize(out) if order == "crop" else out

@@ -302,7 +302,9 @@ def _health_batch(
         return None
     first = slice(0, min(HEALTH_IMAGES, len(train.labels)))
     model = config.model
-    images = eval_batch(train.images[first], model.channels, size=model.input_size)
+    images = eval_batch(
+        train.images[first], model.channels, size=model.input_size, order=model.standardize
+    )
     return images, train.labels[first]
 
 
@@ -419,10 +421,15 @@ def _training_images(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     """The network's input for training rows `idx`: augmented, or the centre crop."""
     model, images = run.config.model, run.data.train.images[idx]
     if not run.config.augment:
-        return eval_batch(images, model.channels, size=model.input_size)
+        return eval_batch(images, model.channels, size=model.input_size, order=model.standardize)
     strength = run.schedule.augment_strength(run.progress.global_step)
     return run.train_batch(
-        images, model.channels, run.augment, size=model.input_size, strength=strength
+        images,
+        model.channels,
+        run.augment,
+        size=model.input_size,
+        strength=strength,
+        order=model.standardize,
     )
 
 
@@ -473,6 +480,7 @@ def _count_errors(run: _Run, rows: LabelledImages) -> torch.Tensor:
     """All-reduced [errors, count, familiar errors, familiar count] over this rank's shard."""
     ctx, model, images = run.ctx, run.eval_model, rows.images
     channels, size = run.config.model.channels, run.config.model.input_size
+    order = run.config.model.standardize
     batch_size = EVAL_BATCHES_PER_BATCH * run.config.batch_size
     counts = torch.zeros(4, dtype=torch.float64, device=images.device)
     shard = torch.arange(ctx.rank, len(rows.labels), ctx.world, device=images.device)
@@ -483,7 +491,7 @@ def _count_errors(run: _Run, rows: LabelledImages) -> torch.Tensor:
         if images.device.type == "cpu":
             keep_fair()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.config.amp):
-            scores = model(eval_batch(images[idx], channels, size=size))
+            scores = model(eval_batch(images[idx], channels, size=size, order=order))
         wrong = scores.float().argmax(dim=1) != rows.labels[idx]
         fam = rows.familiar[idx]
         n = torch.tensor(len(idx), device=wrong.device)
