@@ -47,16 +47,20 @@ def test_help_imports_neither_torch_nor_h5py(command: str) -> None:
     assert not imported & {"torch", "h5py", "numpy", "matplotlib"}
 
 
-def test_help_takes_under_half_a_second() -> None:
+def test_help_costs_little_more_than_importing_typer() -> None:
     def seconds(*args: str) -> float:
         """CPU seconds of the child, so that other jobs on the machine do not decide it."""
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-m", "emcaps_cli", *args], capture_output=True)
+        subprocess.run([sys.executable, *args], capture_output=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
-    assert min(seconds("--help") for _ in range(3)) <= 0.5
-    assert min(seconds("train", "--help") for _ in range(3)) <= 0.5
+    # On a quiet machine: typer 0.2 s, --help 0.3 s, train --help 0.5 s; importing torch alone
+    # costs over 1 s. A loaded machine slows every child alike, so the bound is relative.
+    typer = min(seconds("-c", "import typer, rich.console") for _ in range(3))
+    bound = max(0.5, 4 * typer)
+    assert min(seconds("-m", "emcaps_cli", "--help") for _ in range(3)) <= bound
+    assert min(seconds("-m", "emcaps_cli", "train", "--help") for _ in range(3)) <= bound
 
 
 def test_boolean_flags_are_shown_as_flags() -> None:
