@@ -408,14 +408,26 @@ def read_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def same_cache(report: dict[str, Any]) -> str | None:
+    """A report's cache path made absolute (relative ones against the working directory), so
+    that `data/x.h5` and `/repo/data/x.h5` of the same checkout compare equal."""
+    data = report.get("data")
+    return None if data is None else os.path.abspath(data)
+
+
 def combine_reports(paths: list[Path]) -> dict[str, Any]:
     """One report whose sets hold the runs of every report, in the order given."""
     reports = [read_report(path) for path in paths]
     first = reports[0]
     sets: dict[str, dict[str, Any]] = {}
+    compare = {
+        "data": same_cache,
+        "epochs": lambda r: r.get("epochs"),
+        "extra": lambda r: r.get("extra"),
+    }
     for path, report in zip(paths, reports, strict=True):
-        for key in ("data", "epochs", "extra"):
-            if report.get(key) != first.get(key):
+        for key, value in compare.items():
+            if value(report) != value(first):
                 raise BenchError(
                     f"{path}: {key} {report.get(key)!r} differs from {paths[0]}'s "
                     f"{first.get(key)!r}"

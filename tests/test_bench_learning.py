@@ -147,7 +147,13 @@ def test_table_shows_percent_mean_sd_and_split_columns_only_when_present() -> No
     assert lines[2].split()[-4:-2] == ["—", "—"]  # capsnet has no familiar / novel errors
 
 
-def _report(path: Path, seeds: list[int], options: str = "--model cnn", epochs: int = 10) -> Path:
+def _report(
+    path: Path,
+    seeds: list[int],
+    options: str = "--model cnn",
+    epochs: int = 10,
+    data: str = "d.h5",
+) -> Path:
     runs = [
         {
             "seed": s,
@@ -160,7 +166,7 @@ def _report(path: Path, seeds: list[int], options: str = "--model cnn", epochs: 
         for s in seeds
     ]
     report = {
-        "data": "d.h5",
+        "data": data,
         "epochs": epochs,
         "extra": "",
         "seeds": seeds,
@@ -189,6 +195,7 @@ def test_combine_pools_the_seeds_of_two_reports(tmp_path: Path, capsys) -> None:
         ({"seeds": [2, 3]}, "repeats seed(s) [2]"),
         ({"seeds": [3], "options": "--model cnn --lr 1e-3"}, "has options"),
         ({"seeds": [3], "epochs": 5}, "epochs 5 differs"),
+        ({"seeds": [3], "data": "other.h5"}, "data 'other.h5' differs"),
     ],
 )
 def test_combine_refuses_reports_that_do_not_pool(
@@ -199,6 +206,15 @@ def test_combine_refuses_reports_that_do_not_pool(
     assert bench.main(["--combine", str(a), str(b)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_combine_takes_a_relative_and_an_absolute_path_of_one_cache_as_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    a = _report(tmp_path / "a.json", [0], data="data/d.h5")
+    b = _report(tmp_path / "b.json", [1], data=str(tmp_path / "data" / "d.h5"))
+    assert bench.main(["--combine", str(a), str(b)]) == 0
 
 
 def test_combine_names_an_unreadable_report(tmp_path: Path, capsys) -> None:
