@@ -408,11 +408,12 @@ def read_report(path: Path) -> dict[str, Any]:
     return report
 
 
-def same_cache(report: dict[str, Any]) -> str | None:
-    """A report's cache path made absolute (relative ones against the working directory), so
-    that `data/x.h5` and `/repo/data/x.h5` of the same checkout compare equal."""
-    data = report.get("data")
-    return None if data is None else os.path.abspath(data)
+def pooling_value(report: dict[str, Any], key: str) -> Any:
+    """What must agree between pooled reports: the value of `key`, the cache path made absolute
+    (relative ones against the working directory), so that `data/x.h5` and `/repo/data/x.h5`
+    of one checkout agree."""
+    value = report.get(key)
+    return os.path.abspath(value) if key == "data" and value is not None else value
 
 
 def combine_reports(paths: list[Path]) -> dict[str, Any]:
@@ -420,14 +421,9 @@ def combine_reports(paths: list[Path]) -> dict[str, Any]:
     reports = [read_report(path) for path in paths]
     first = reports[0]
     sets: dict[str, dict[str, Any]] = {}
-    compare = {
-        "data": same_cache,
-        "epochs": lambda r: r.get("epochs"),
-        "extra": lambda r: r.get("extra"),
-    }
     for path, report in zip(paths, reports, strict=True):
-        for key, value in compare.items():
-            if value(report) != value(first):
+        for key in ("data", "epochs", "extra"):
+            if pooling_value(report, key) != pooling_value(first, key):
                 raise BenchError(
                     f"{path}: {key} {report.get(key)!r} differs from {paths[0]}'s "
                     f"{first.get(key)!r}"
