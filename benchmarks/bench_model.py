@@ -1,6 +1,7 @@
 """Speed and memory of the capsule network: images/s for inference and for a training step
-(forward + spread loss + backward + Adam + the weight average's update, as `emcaps train`
-with its default --front-lr-scale and --ema-decay), peak memory, fused vs plain-autograd
+(forward + spread loss + backward + gradient clipping + Adam + the weight average's update, as
+`emcaps train` with its default --front-lr-scale, --grad-clip and --ema-decay; `--grad-clip 0`
+leaves the clipping out), peak memory, fused vs plain-autograd
 routing, and the fast EM routing against the loop reference of Procedure 1 on a reduced shape.
 
 Each measurement runs in its own subprocess so that peak RSS (CPU) belongs to it alone.
@@ -71,6 +72,7 @@ def measure(args) -> dict:
     from emcaps_cli.routing.c import backend as c_backend
     from emcaps_cli.routing.fused import plain_route
     from emcaps_cli.training.averaging import WeightAverage
+    from emcaps_cli.training.clipping import clip_gradient
     from emcaps_cli.training.schedule import parameter_groups
     from emcaps_cli.utils.allocator import keep_freed_memory
     from emcaps_cli.utils.device import resolve_device
@@ -107,6 +109,7 @@ def measure(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    clip = None  # training steps only
     if args.mode == "inference":
         model.eval()
 
@@ -119,12 +122,15 @@ def measure(args) -> dict:
         opt = torch.optim.Adam(parameter_groups(model, defaults.front_lr_scale), lr=1e-3)
         average = WeightAverage.of(model, defaults.ema_decay)
         steps = [0]
+        clip = defaults.resolved().grad_clip if args.grad_clip is None else args.grad_clip
 
         def step():
             opt.zero_grad(set_to_none=True)
             with autocast:
                 loss = spread_loss(network(x), y, 0.5)
             loss.backward()
+            if clip > 0:
+                clip_gradient(model.parameters(), clip)
             opt.step()
             if average is not None:
                 steps[0] += 1
@@ -157,6 +163,7 @@ def measure(args) -> dict:
         "routing": args.routing,
         "batch": args.batch,
         "iters": args.iters,
+        "grad_clip": clip,
         "seconds_per_batch": best,
         "images_per_s": args.batch / best,
         "median_images_per_s": args.batch / median,
@@ -226,6 +233,8 @@ def measure_in_child(args, model, routing, batch, mode, impl, precision="fp32", 
         "--device", args.device, "--allocator", args.allocator,
         "--precision", precision, "--compile", compiled,
     ]  # fmt: skip
+    if args.grad_clip is not None:
+        cmd += ["--grad-clip", str(args.grad_clip)]
     if args.chunk_elements is not None:
         cmd += ["--chunk-elements", str(args.chunk_elements)]
     config = dict(model=model, mode=mode, impl=impl, batch=batch, routing=routing,
@@ -294,6 +303,12 @@ def main() -> None:
     )
     p.add_argument("--routing", nargs="+", default=["exact"], choices=["exact", "patch"])
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        help="training steps: clip the gradient to this norm (default: emcaps train's for the "
+        "capsule network; 0: no clipping)",
+    )
     p.add_argument(
         "--threads",
         default="auto",

@@ -180,10 +180,19 @@ def parse_arch(text: str) -> tuple[int, int, int, int]:
 
 
 # What runs written before a TrainConfig field existed used (their config.json lacks it).
-TRAIN_LEGACY_DEFAULTS = {"augment_warmup": 0.0, "ema_decay": 0.0, "front_lr_scale": 1.0}
+TRAIN_LEGACY_DEFAULTS = {
+    "augment_warmup": 0.0,
+    "ema_decay": 0.0,
+    "front_lr_scale": 1.0,
+    "grad_clip": 0.0,
+}
 
 # Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
 DEFAULT_LR = {"capsnet": 2e-2, "cnn": 3e-4}
+
+# Largest gradient norm before Adam's step, by model; 0: no clipping (docs/training.md,
+# "Gradient clipping").
+DEFAULT_GRAD_CLIP = {"capsnet": 1.0, "cnn": 0.0}
 
 
 @dataclass
@@ -197,6 +206,9 @@ class TrainConfig:
                     DEFAULT_LR of the model (docs/training.md)
     front_lr_scale  the capsule network's ordinary convolutions (conv1 and the primary
                     capsules' 1x1 convolutions) learn at this multiple of lr; the CNN ignores it
+    grad_clip       before each Adam step the gradient of all parameters together is scaled
+                    down to this L2 norm when it is longer; 0: no clipping; None:
+                    DEFAULT_GRAD_CLIP of the model (docs/training.md)
     margin_epochs   spread-loss margin reaches 0.9 after this many epochs; None: epochs / 2
     validation_fraction  share of the (split-filtered) training images held out for best.pt
     stop_at_error   stop once the familiar-view test error (a fraction) is <= this value
@@ -221,6 +233,7 @@ class TrainConfig:
     lr_decay: float = 0.96
     front_lr_scale: float = 0.3
     weight_decay: float = 0.0
+    grad_clip: float | None = None
     margin_epochs: float | None = None
     seed: int = 0
     device: str = "auto"
@@ -252,6 +265,10 @@ class TrainConfig:
                 f"--front-lr-scale {self.front_lr_scale}: expected a positive number",
             ),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
+            (
+                self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip >= 0),
+                f"--grad-clip {self.grad_clip}: expected a norm >= 0 (0: no clipping)",
+            ),
             (
                 math.isfinite(self.augment_warmup) and self.augment_warmup >= 0,
                 f"--augment-warmup {self.augment_warmup}: expected epochs >= 0",
@@ -296,7 +313,10 @@ class TrainConfig:
         loss = self.loss or default_loss(self.model.model)
         margin_epochs = self.margin_epochs if self.margin_epochs is not None else self.epochs / 2
         lr = self.lr if self.lr is not None else DEFAULT_LR[self.model.model]
-        return dataclasses.replace(self, loss=loss, margin_epochs=margin_epochs, lr=lr)
+        clip = self.grad_clip if self.grad_clip is not None else DEFAULT_GRAD_CLIP[self.model.model]
+        return dataclasses.replace(
+            self, loss=loss, margin_epochs=margin_epochs, lr=lr, grad_clip=clip
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -26,6 +26,7 @@ def files() -> dict[str, Path]:
     [
         (("train", "--epochs", "abc"), "error: --epochs: 'abc' is not an integer"),
         (("train", "--lr=x"), "error: --lr: 'x' is not a number"),
+        (("train", "--grad-clip", "-1"), "error: --grad-clip -1.0: expected a norm >= 0"),
         (("train", "--kernels", "foo"), "error: --kernels: "),
         (("train", "--resume"), "error: --resume needs --out RUN_DIR"),
         (("train", "--no-such-option"), "error: No such option: --no-such-option"),

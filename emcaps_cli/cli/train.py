@@ -20,7 +20,7 @@ from emcaps_cli.cli._common import (
     progress_display,
     use_kernels,
 )
-from emcaps_cli.config import DEFAULT_LOSS, DEFAULT_LR, TrainConfig
+from emcaps_cli.config import DEFAULT_GRAD_CLIP, DEFAULT_LOSS, DEFAULT_LR, TrainConfig
 from emcaps_cli.defaults import (
     Choice,
     Kernels,
@@ -220,6 +220,14 @@ FRONT_LR_SCALE = typer.Option(
     "learning rate (the capsule layers at 1 x); the CNN ignores it.",
 )
 WEIGHT_DECAY = typer.Option(DEFAULT.weight_decay, "--weight-decay", help="Adam L2 weight decay.")
+GRAD_CLIP = typer.Option(
+    DEFAULT.grad_clip,
+    "--grad-clip",
+    metavar="NORM",
+    help="Before each Adam step, scale the gradient of all parameters together down to this "
+    "L2 norm when it is longer; 0: no clipping.",
+    show_default=", ".join(f"{clip:g} for {model}" for model, clip in DEFAULT_GRAD_CLIP.items()),
+)
 MARGIN_EPOCHS = typer.Option(
     DEFAULT.margin_epochs,
     "--margin-epochs",
@@ -333,6 +341,7 @@ def train_command(
     lr_decay: float = LR_DECAY,
     front_lr_scale: float = FRONT_LR_SCALE,
     weight_decay: float = WEIGHT_DECAY,
+    grad_clip: float | None = GRAD_CLIP,
     margin_epochs: float | None = MARGIN_EPOCHS,
     seed: int = SEED,
     device: str = DEVICE,

@@ -1,12 +1,13 @@
 """Training: the epoch loop, evaluation after every epoch, and the run it writes.
 
 The recipe (see docs/training.md for the reasons): Adam, lr 2e-2 (capsules) or 3e-4 (CNN)
-decayed by 0.96 after every epoch, batch 32, no weight decay; spread-loss margin linear
-0.2 -> 0.9 over the first half of the epochs (section 4.1). Images: per-image standardisation,
-random crop of `ModelConfig.input_size` (32) from the 48x48 image plus random brightness and
-contrast for training (ranges grown from none over the first `augment_warmup` epochs), centre
-crop for validation and test (section 5). The whole cache sits on the training device as
-uint8 and is augmented in batches.
+decayed by 0.96 after every epoch, batch 32, no weight decay, the capsule network's gradient
+clipped to the norm `DEFAULT_GRAD_CLIP` before each step; spread-loss margin linear 0.2 -> 0.9
+over the first half of the epochs (section 4.1). Images: a random crop of
+`ModelConfig.input_size` (32) from the 48x48 image for training (its reach grown from none over
+the first `augment_warmup` epochs), the centre crop for validation and test, each crop
+standardised (`ModelConfig.standardize`; section 5). The whole cache sits on the training
+device as uint8 and is augmented in batches.
 
 Multi-process: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) every rank
 trains on its shard of each epoch's permutation through DistributedDataParallel; `batch_size`
@@ -40,6 +41,7 @@ from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
 from emcaps_cli.models import build_model, count_parameters
 from emcaps_cli.training.averaging import WeightAverage
+from emcaps_cli.training.clipping import clip_gradient
 from emcaps_cli.training.data import (
     DeviceData,
     LabelledImages,
@@ -163,18 +165,22 @@ class _EpochSums:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.errors = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
+        self.clipped = 0  # steps whose gradient norm exceeded --grad-clip (the same on every rank)
         self.margin: float | None = None  # the spread-loss margin of the last step
         self.t0 = time.perf_counter()
 
     def merged(self, partial: dict[str, float], ctx: ProcessGroup) -> dict[str, float]:
         """`partial` plus these sums, all-reduced over ranks."""
-        count = torch.tensor(float(self.count), device=self.device).double()
-        sums = ctx.sum_(torch.stack([self.loss_sum, self.errors, count])).tolist()
+        counts = torch.tensor([float(self.count), float(self.clipped)], device=self.device)
+        sums = ctx.sum_(torch.cat([self.loss_sum[None], self.errors[None], counts.double()]))
+        sums = sums.tolist()
         return {
             "loss_sum": partial["loss_sum"] + sums[0],
             "errors": partial["errors"] + sums[1],
             "count": partial["count"] + sums[2],
             "seconds": partial["seconds"] + time.perf_counter() - self.t0,
+            # checkpoints written before the count lack it
+            "clipped": partial.get("clipped", 0.0) + sums[3] / ctx.world,
         }
 
 
@@ -405,6 +411,8 @@ def _train_step(run: _Run, idx: torch.Tensor, lr: float, sums: _EpochSums) -> fl
     grads = [q.grad for q in run.model.parameters() if q.grad is not None]
     if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
         raise EmcapsError(_nonfinite_message(run, math.nan, lr, "gradient"))
+    if run.config.grad_clip > 0:
+        sums.clipped += clip_gradient(run.model.parameters(), run.config.grad_clip)
     run.optimizer.step()
     p.step_in_epoch += 1
     p.global_step += 1
@@ -467,6 +475,8 @@ def evaluate_epoch(run: _Run, lr: float, margin: float | None) -> dict[str, Any]
     if config.split != "full":
         metrics["test_familiar_error"] = _rate(test[2], test[3])
         metrics["test_novel_error"] = _rate(test[0] - test[2], test[1] - test[3])
+    if config.grad_clip > 0:
+        metrics["clipped_steps"] = p.partial.get("clipped", 0.0) / run.schedule.steps_per_epoch
     metrics["images_per_second"] = p.partial["count"] / max(train_seconds, 1e-9)
     metrics["train_seconds"] = train_seconds
     if run.health_batch is not None and run.ctx.main:

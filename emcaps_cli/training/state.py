@@ -32,8 +32,9 @@ RESUMABLE = ("out", "data", "epochs", "stop_at_error", "device", "amp", "compile
 
 
 def empty_partial() -> dict[str, float]:
-    """The sums of an epoch before its first step."""
-    return {"loss_sum": 0.0, "errors": 0.0, "count": 0.0, "seconds": 0.0}
+    """The sums of an epoch before its first step (`clipped`: steps whose gradient was
+    clipped)."""
+    return {"loss_sum": 0.0, "errors": 0.0, "count": 0.0, "seconds": 0.0, "clipped": 0.0}
 
 
 @dataclass
