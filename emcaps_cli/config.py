@@ -30,6 +30,7 @@ LEGACY_DEFAULTS = {
     "var_floor": 1e-4,
     "likelihood_power": 1.0,
     "conv_final_lambda": None,
+    "conv_lambda_by_width": False,
     "class_beta_a_scale": 1.0,
     "standardize": "image",
 }
@@ -62,6 +63,11 @@ class ModelConfig:
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
     conv_final_lambda  λ_max of the two conv-capsule layers; None: final_lambda, as the paper
                     (docs/model.md)
+    conv_lambda_by_width  each conv-capsule layer's λ_max is the conv one × (its parent types /
+                    its child types): C/B for conv caps 1, D/C for conv caps 2, so a parent's
+                    expected share of its children, which the cost term in the activation
+                    logit grows with, does not depend on the layer widths; × 1 for equal widths
+                    (the paper model); off: one λ_max for both (docs/model.md)
     class_beta_a_scale  the class layer's β_a is this multiple of its parameter, so that Adam
                     moves the class activations' threshold this many times faster; None: 1000
                     for "paper", 1 for "released" (which scales its own); 1 is the plain
@@ -89,6 +95,7 @@ class ModelConfig:
     routing: str = "exact"
     final_lambda: float = 0.03
     conv_final_lambda: float | None = 0.3
+    conv_lambda_by_width: bool = True
     class_beta_a_scale: float | None = None
     conv_beta_a_scale: float = 1.0
     var_floor: float = 0.1
@@ -97,6 +104,14 @@ class ModelConfig:
     standardize: str = DEFAULT_STANDARDIZE
     num_classes: int = 5
     input_size: int = 32
+
+    def conv_lambdas(self) -> tuple[float, float]:
+        """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Scaled by the layer widths")."""
+        _, b, c, d = self.arch
+        lam = self.final_lambda if self.conv_final_lambda is None else self.conv_final_lambda
+        if not self.conv_lambda_by_width:
+            return lam, lam
+        return lam * (c / b), lam * (d / c)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:

@@ -130,6 +130,24 @@ def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
         ModelConfig(conv_final_lambda=0.0)
 
 
+def test_conv_lambda_by_width_scales_each_conv_layer_by_parent_over_child_types() -> None:
+    # A parent's expected share of its children grows with child types / parent types, so
+    # λ_max × (parent types / child types) keeps the cost term's reach the same at any widths.
+    narrow = ModelConfig(arch=(8, 2, 4, 8), iters=2, conv_final_lambda=0.3)
+    assert narrow.conv_lambdas() == pytest.approx((0.3 * 4 / 2, 0.3 * 8 / 4))
+    net = build_model(narrow)
+    assert net.conv_caps1.final_lambda == pytest.approx(0.6)
+    assert net.conv_caps2.final_lambda == pytest.approx(0.6)
+    assert net.class_caps.final_lambda == narrow.final_lambda  # the class layer is not scaled
+    equal = ModelConfig(arch=(32, 32, 32, 32))  # the paper model: every factor is exactly 1
+    assert equal.conv_lambdas() == (equal.conv_final_lambda, equal.conv_final_lambda)
+    one = ModelConfig(arch=(8, 2, 4, 8), conv_final_lambda=0.3, conv_lambda_by_width=False)
+    assert one.conv_lambdas() == (0.3, 0.3)
+    old = narrow.to_dict()
+    del old["conv_lambda_by_width"]  # configs written before the field existed
+    assert ModelConfig.from_dict(old).conv_lambdas() == (0.3, 0.3)
+
+
 @pytest.mark.parametrize(
     ("field", "layer", "other"),
     [

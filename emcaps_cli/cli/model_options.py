@@ -61,6 +61,13 @@ CONV_FINAL_LAMBDA = typer.Option(
     "above --final-lambda it lets their activations spread; the value of --final-lambda is "
     "the paper's single schedule (docs/model.md).",
 )
+CONV_LAMBDA_BY_WIDTH = typer.Option(
+    DEFAULT.conv_lambda_by_width,
+    "--conv-lambda-by-width/--no-conv-lambda-by-width",
+    help="Scale each conv-capsule layer's λ_max by its parent types / child types (C/B, then "
+    "D/C), so the routing's cost term reaches as far at any widths; ×1 for equal widths, as "
+    "the paper model (docs/model.md).",
+)
 CLASS_BETA_A_SCALE = typer.Option(
     None,
     "--class-beta-a-scale",
