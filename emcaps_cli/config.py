@@ -216,7 +216,8 @@ class TrainConfig:
 
     loss            None: `default_loss` of the model ("spread" for the capsule network,
                     "cross-entropy" for the CNN)
-    batch_size      images per optimiser step per process (effective batch = × processes)
+    batch_size      images per optimiser step per process (effective batch = × processes);
+                    16 for both models (docs/training.md, "Batch size")
     lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
                     DEFAULT_LR of the model (docs/training.md)
     front_lr_scale  the capsule network's ordinary convolutions (conv1 and the primary
@@ -243,7 +244,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: str | None = None
     epochs: int = 50
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float | None = None
     lr_decay: float = 0.96
     front_lr_scale: float = 0.3

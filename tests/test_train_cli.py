@@ -24,7 +24,7 @@ def test_help_explains_units_and_defaults() -> None:
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     text = " ".join(result.output.split())  # the help is wrapped to the terminal
-    for phrase in ("--stop-at-error", "0.037 means 3.7%", "half of --epochs", "[default: 32]"):
+    for phrase in ("--stop-at-error", "0.037 means 3.7%", "half of --epochs", "[default: 16]"):
         assert phrase in text
 
 

@@ -203,7 +203,7 @@ EPOCHS = typer.Option(
 BATCH_SIZE = typer.Option(
     DEFAULT.batch_size,
     "--batch-size",
-    help="Images per step per process (effective batch × processes).",
+    help="Images per optimiser step per process (effective batch × processes).",
 )
 LR = typer.Option(
     DEFAULT.lr, "--lr", help="Adam learning rate of the first epoch.", show_default=LR_DEFAULTS
