@@ -1,7 +1,7 @@
 """Training: the epoch loop, evaluation after every epoch, and the run it writes.
 
 The recipe (see docs/training.md for the reasons): Adam, lr 2e-2 (capsules) or 3e-4 (CNN)
-decayed by 0.96 after every epoch, batch 32, no weight decay, the capsule network's gradient
+decayed by 0.96 after every epoch, batch 16, no weight decay, the capsule network's gradient
 clipped to the norm `DEFAULT_GRAD_CLIP` before each step; spread-loss margin linear 0.2 -> 0.9
 over the first half of the epochs (section 4.1). Images: a random crop of
 `ModelConfig.input_size` (32) from the 48x48 image for training (its reach grown from none over
