@@ -105,10 +105,15 @@ class ModelConfig:
     num_classes: int = 5
     input_size: int = 32
 
+    @property
+    def conv_lambda_max(self) -> float:
+        """The conv-capsule λ_max before any width scale: conv_final_lambda, else final_lambda."""
+        return self.final_lambda if self.conv_final_lambda is None else self.conv_final_lambda
+
     def conv_lambdas(self) -> tuple[float, float]:
         """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Scaled by the layer widths")."""
         _, b, c, d = self.arch
-        lam = self.final_lambda if self.conv_final_lambda is None else self.conv_final_lambda
+        lam = self.conv_lambda_max
         if not self.conv_lambda_by_width:
             return lam, lam
         return lam * (c / b), lam * (d / c)
@@ -140,10 +145,9 @@ class ModelConfig:
         class_scale = self.class_beta_a_scale
         if class_scale is None:
             class_scale = DEFAULT_CLASS_BETA_A_SCALE[self.parametrisation]
-        conv_lambda = self.conv_final_lambda
         positive = (
             ("final-lambda", self.final_lambda),
-            ("conv-final-lambda", self.final_lambda if conv_lambda is None else conv_lambda),
+            ("conv-final-lambda", self.conv_lambda_max),
             ("class-beta-a-scale", class_scale),
             ("conv-beta-a-scale", self.conv_beta_a_scale),
             ("var-floor", self.var_floor),
