@@ -63,6 +63,7 @@ class ModelConfig:
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
     conv_final_lambda  λ_max of the two conv-capsule layers; None: final_lambda, as the paper
                     (docs/model.md)
+    conv2_final_lambda  λ_max of conv caps 2 alone; None: conv_final_lambda (both layers alike)
     conv_lambda_by_width  each conv-capsule layer's λ_max is the conv one × (its parent types /
                     its child types): C/B for conv caps 1, D/C for conv caps 2, so a parent's
                     expected share of its children, which the cost term in the activation
@@ -95,6 +96,7 @@ class ModelConfig:
     routing: str = "exact"
     final_lambda: float = 0.03
     conv_final_lambda: float | None = 0.3
+    conv2_final_lambda: float | None = None
     conv_lambda_by_width: bool = True
     class_beta_a_scale: float | None = None
     conv_beta_a_scale: float = 1.0
@@ -110,13 +112,18 @@ class ModelConfig:
         """The conv-capsule λ_max before any width scale: conv_final_lambda, else final_lambda."""
         return self.final_lambda if self.conv_final_lambda is None else self.conv_final_lambda
 
+    @property
+    def conv2_lambda_max(self) -> float:
+        """Conv caps 2's λ_max before any width scale: conv2_final_lambda, else conv_lambda_max."""
+        return self.conv_lambda_max if self.conv2_final_lambda is None else self.conv2_final_lambda
+
     def conv_lambdas(self) -> tuple[float, float]:
         """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Scaled by the layer widths")."""
         _, b, c, d = self.arch
-        lam = self.conv_lambda_max
+        lam1, lam2 = self.conv_lambda_max, self.conv2_lambda_max
         if not self.conv_lambda_by_width:
-            return lam, lam
-        return lam * (c / b), lam * (d / c)
+            return lam1, lam2
+        return lam1 * (c / b), lam2 * (d / c)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -148,6 +155,7 @@ class ModelConfig:
         positive = (
             ("final-lambda", self.final_lambda),
             ("conv-final-lambda", self.conv_lambda_max),
+            ("conv2-final-lambda", self.conv2_lambda_max),
             ("class-beta-a-scale", class_scale),
             ("conv-beta-a-scale", self.conv_beta_a_scale),
             ("var-floor", self.var_floor),

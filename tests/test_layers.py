@@ -148,6 +148,21 @@ def test_conv_lambda_by_width_scales_each_conv_layer_by_parent_over_child_types(
     assert ModelConfig.from_dict(old).conv_lambdas() == (0.3, 0.3)
 
 
+def test_conv2_final_lambda_sets_the_second_conv_capsule_layer_alone() -> None:
+    config = ModelConfig(arch=(8, 2, 4, 8), iters=2, conv_final_lambda=0.15, conv2_final_lambda=0.3)
+    assert config.conv_lambdas() == pytest.approx((0.15 * 4 / 2, 0.3 * 8 / 4))
+    net = build_model(config)
+    assert net.conv_caps1.final_lambda == pytest.approx(0.3)
+    assert net.conv_caps2.final_lambda == pytest.approx(0.6)
+    unscaled = ModelConfig(conv_final_lambda=0.15, conv2_final_lambda=0.3)  # paper widths
+    assert unscaled.conv_lambdas() == pytest.approx((0.15, 0.3))
+    old = unscaled.to_dict()
+    del old["conv2_final_lambda"]  # configs written before the field: both layers alike
+    assert ModelConfig.from_dict(old).conv_lambdas() == pytest.approx((0.15, 0.15))
+    with pytest.raises(EmcapsError, match="--conv2-final-lambda"):
+        ModelConfig(conv2_final_lambda=-1.0)
+
+
 @pytest.mark.parametrize(
     ("field", "layer", "other"),
     [

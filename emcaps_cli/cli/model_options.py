@@ -61,6 +61,12 @@ CONV_FINAL_LAMBDA = typer.Option(
     "above --final-lambda it lets their activations spread; the value of --final-lambda is "
     "the paper's single schedule (docs/model.md).",
 )
+CONV2_FINAL_LAMBDA = typer.Option(
+    DEFAULT.conv2_final_lambda,
+    "--conv2-final-lambda",
+    help="λ_max of the second conv-capsule layer alone; unset: --conv-final-lambda for both "
+    "(docs/model.md).",
+)
 CONV_LAMBDA_BY_WIDTH = typer.Option(
     DEFAULT.conv_lambda_by_width,
     "--conv-lambda-by-width/--no-conv-lambda-by-width",
