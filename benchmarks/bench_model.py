@@ -63,17 +63,14 @@ def peak_memory_mb(device) -> float:
 def measure(args) -> dict:
     """One configuration, in this process: returns images/s and peak memory."""
     import torch
+    from recipe_step import RecipeStep  # benchmarks/, this script's folder
 
     import emcaps_cli.capsules.layers as layers
-    from emcaps_cli.config import ModelConfig, TrainConfig, parse_arch
-    from emcaps_cli.losses import spread_loss
+    from emcaps_cli.config import ModelConfig, parse_arch
     from emcaps_cli.models import build_model
     from emcaps_cli.routing import backend, torch_backend
     from emcaps_cli.routing.c import backend as c_backend
     from emcaps_cli.routing.fused import plain_route
-    from emcaps_cli.training.averaging import WeightAverage
-    from emcaps_cli.training.clipping import clip_gradient
-    from emcaps_cli.training.schedule import parameter_groups
     from emcaps_cli.utils.allocator import keep_freed_memory
     from emcaps_cli.utils.device import resolve_device
     from emcaps_cli.utils.threads import ThreadGovernor
@@ -117,24 +114,8 @@ def measure(args) -> dict:
             with torch.inference_mode(), autocast:
                 network(x)
     else:
-        model.train()
-        defaults = TrainConfig()  # the optimiser groups and weight average of emcaps train
-        opt = torch.optim.Adam(parameter_groups(model, defaults.front_lr_scale), lr=1e-3)
-        average = WeightAverage.of(model, defaults.ema_decay)
-        steps = [0]
-        clip = defaults.resolved().grad_clip if args.grad_clip is None else args.grad_clip
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                loss = spread_loss(network(x), y, 0.5)
-            loss.backward()
-            if clip > 0:
-                clip_gradient(model.parameters(), clip)
-            opt.step()
-            if average is not None:
-                steps[0] += 1
-                average.update(model, steps[0])
+        step = RecipeStep(model, x, y, network=network, grad_clip=args.grad_clip, autocast=autocast)
+        clip = step.clip_norm
 
     warm_until = time.perf_counter() + WARM_UP_S
     while True:  # warm-up (allocations, caches, the thread policy's first load sample)

@@ -16,13 +16,10 @@ import json
 import time
 
 import torch
+from recipe_step import RecipeStep  # benchmarks/, this script's folder
 
-from emcaps_cli.config import ModelConfig, TrainConfig, parse_arch
-from emcaps_cli.losses import spread_loss
+from emcaps_cli.config import ModelConfig, parse_arch
 from emcaps_cli.models import build_model
-from emcaps_cli.training.averaging import WeightAverage
-from emcaps_cli.training.clipping import clip_gradient
-from emcaps_cli.training.schedule import parameter_groups
 from emcaps_cli.utils.allocator import keep_freed_memory
 from emcaps_cli.utils.atomic import atomic_path
 from emcaps_cli.utils.device import resolve_device
@@ -32,58 +29,52 @@ PHASES = ("forward", "backward", "clip", "adam", "average")
 
 def phase_times(arch: str, batch: int, steps: int, warm_up: int, device) -> dict[str, float]:
     """Mean milliseconds per step of each phase."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=parse_arch(arch))).to(device)
-    model.train()
-    recipe = TrainConfig().resolved()
-    opt = torch.optim.Adam(parameter_groups(model, recipe.front_lr_scale), lr=1e-3)
-    average = WeightAverage.of(model, recipe.ema_decay)
-    x = torch.randn(batch, 2, 32, 32, device=device)  # (N, 2, 32, 32)
-    y = torch.randint(0, 5, (batch,), device=device)
-    totals = dict.fromkeys(PHASES, 0.0)
+    step = recipe_step(arch, batch, device)
 
     def mark() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    for step in range(warm_up + steps):
+    totals = dict.fromkeys(PHASES, 0.0)
+    for i in range(warm_up + steps):
         t0 = mark()
-        opt.zero_grad(set_to_none=True)
-        loss = spread_loss(model(x), y, 0.5)
+        loss = step.forward()
         t1 = mark()
-        loss.backward()
+        step.backward(loss)
         t2 = mark()
-        if recipe.grad_clip > 0:
-            clip_gradient(model.parameters(), recipe.grad_clip)
+        step.clip()
         t3 = mark()
-        opt.step()
+        step.adam()
         t4 = mark()
-        if average is not None:
-            average.update(model, step + 1)
+        step.update_average()
         t5 = mark()
-        if step >= warm_up:
+        if i >= warm_up:
             spans = ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))
             for name, (a, b) in zip(PHASES, spans, strict=True):
                 totals[name] += (b - a) * 1000 / steps
     return totals
 
 
+def recipe_step(arch: str, batch: int, device) -> RecipeStep:
+    """The default recipe's step for a freshly initialised network on random inputs."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=parse_arch(arch))).to(device)
+    x = torch.randn(batch, 2, 32, 32, device=device)  # (N, 2, 32, 32)
+    y = torch.randint(0, 5, (batch,), device=device)
+    return RecipeStep(model, x, y)
+
+
 def operator_table(arch: str, batch: int, device) -> str:
     """torch.profiler's operators by self time over three training steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = build_model(ModelConfig(arch=parse_arch(arch))).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 2, 32, 32, device=device)
-    y = torch.randint(0, 5, (batch,), device=device)
+    step = recipe_step(arch, batch, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    spread_loss(model(x), y, 0.5).backward()  # warm-up
+    step()  # warm-up
     with profile(activities=activities) as prof:
         for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            spread_loss(model(x), y, 0.5).backward()
-            opt.step()
+            step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
 
 
