@@ -16,6 +16,7 @@ from emcaps_cli.defaults import (
     DEFAULT_DATA,
     DEFAULT_STANDARDIZE,
     LOSSES,
+    LR_SCHEDULES,
     MODELS,
     PARAMETRISATIONS,
     POSES,
@@ -232,6 +233,8 @@ class TrainConfig:
                     16 for both models (docs/training.md, "Batch size")
     lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
                     DEFAULT_LR of the model (docs/training.md)
+    lr_schedule     "exponential" (the line above) or "cosine": lr · ½(1 + cos(π·e/H)) with
+                    H = lr_anneal_epochs (None: epochs), lr_decay unused
     front_lr_scale  the capsule network's ordinary convolutions (conv1 and the primary
                     capsules' 1x1 convolutions) learn at this multiple of lr; the CNN ignores it
     grad_clip       before each Adam step the gradient of all parameters together is scaled
@@ -259,6 +262,8 @@ class TrainConfig:
     batch_size: int = 16
     lr: float | None = None
     lr_decay: float = 0.96
+    lr_schedule: str = "exponential"
+    lr_anneal_epochs: float | None = None
     front_lr_scale: float = 0.3
     weight_decay: float = 0.0
     grad_clip: float | None = None
@@ -288,6 +293,14 @@ class TrainConfig:
                 f"--lr {self.lr}: expected a positive number",
             ),
             (0 < self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: expected 0 < decay <= 1"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(LR_SCHEDULES)}",
+            ),
+            (
+                self.lr_anneal_epochs is None or self.lr_anneal_epochs > 0,
+                f"--lr-anneal-epochs {self.lr_anneal_epochs}: must be > 0",
+            ),
             (
                 math.isfinite(self.front_lr_scale) and self.front_lr_scale > 0,
                 f"--front-lr-scale {self.front_lr_scale}: expected a positive number",
@@ -340,10 +353,16 @@ class TrainConfig:
         """A copy with the defaults that depend on other options filled in."""
         loss = self.loss or default_loss(self.model.model)
         margin_epochs = self.margin_epochs if self.margin_epochs is not None else self.epochs / 2
+        anneal = self.lr_anneal_epochs if self.lr_anneal_epochs is not None else self.epochs
         lr = self.lr if self.lr is not None else DEFAULT_LR[self.model.model]
         clip = self.grad_clip if self.grad_clip is not None else DEFAULT_GRAD_CLIP[self.model.model]
         return dataclasses.replace(
-            self, loss=loss, margin_epochs=margin_epochs, lr=lr, grad_clip=clip
+            self,
+            loss=loss,
+            margin_epochs=margin_epochs,
+            lr=lr,
+            grad_clip=clip,
+            lr_anneal_epochs=float(anneal),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,6 +54,13 @@ class Loss(Choice):
     cross_entropy = "cross-entropy"
 
 
+class LrSchedule(Choice):
+    """How the learning rate falls from epoch to epoch (training/schedule.py)."""
+
+    exponential = "exponential"  # lr · lr_decay^epoch
+    cosine = "cosine"  # lr · ½(1 + cos(π · epoch / anneal epochs))
+
+
 class ViewpointSplit(Choice):
     """Viewpoint splits of training (section 5.1)."""
 
@@ -88,6 +95,7 @@ PARAMETRISATIONS = values(Parametrisation)
 STANDARDIZES = values(Standardize)
 DEFAULT_STANDARDIZE = Standardize.crop.value  # ModelConfig's (docs/training.md, "Input")
 LOSSES = values(Loss)
+LR_SCHEDULES = values(LrSchedule)
 SPLITS = values(ViewpointSplit)
 METHODS = values(AttackMethod)
 

@@ -25,6 +25,7 @@ from emcaps_cli.defaults import (
     Choice,
     Kernels,
     Loss,
+    LrSchedule,
     Model,
     Parametrisation,
     Pose,
@@ -212,7 +213,20 @@ LR = typer.Option(
 LR_DECAY = typer.Option(
     DEFAULT.lr_decay,
     "--lr-decay",
-    help="Learning rate × this after every epoch (exponential decay).",
+    help="Learning rate × this after every epoch (the exponential schedule).",
+)
+LR_SCHEDULE = typer.Option(
+    LrSchedule(DEFAULT.lr_schedule),
+    "--lr-schedule",
+    help="exponential: lr × --lr-decay^epoch; cosine: lr × (1 + cos(π·epoch/H))/2, from the "
+    "full rate in epoch 1 towards 0 after H = --lr-anneal-epochs epochs (--lr-decay unused).",
+)
+LR_ANNEAL_EPOCHS = typer.Option(
+    DEFAULT.lr_anneal_epochs,
+    "--lr-anneal-epochs",
+    metavar="H",
+    help="The cosine schedule's length in epochs.",
+    show_default="--epochs",
 )
 FRONT_LR_SCALE = typer.Option(
     DEFAULT.front_lr_scale,
@@ -343,6 +357,8 @@ def train_command(
     batch_size: int = BATCH_SIZE,
     lr: float | None = LR,
     lr_decay: float = LR_DECAY,
+    lr_schedule: LrSchedule = LR_SCHEDULE,
+    lr_anneal_epochs: float | None = LR_ANNEAL_EPOCHS,
     front_lr_scale: float = FRONT_LR_SCALE,
     weight_decay: float = WEIGHT_DECAY,
     grad_clip: float | None = GRAD_CLIP,

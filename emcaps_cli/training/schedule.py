@@ -1,6 +1,7 @@
 """What changes with the step and the epoch: learning rate, spread-loss margin, augmentation.
 
-Adam's learning rate of epoch e (0-based) is lr · lr_decay^e; the spread-loss margin grows
+Adam's learning rate of epoch e (0-based) is lr · lr_decay^e, or with the cosine schedule
+lr · ½(1 + cos(π·e/H)) over H anneal epochs (0 from epoch H on); the spread-loss margin grows
 linearly from 0.2 to 0.9 over `margin_epochs` (section 4.1); the augmentation's ranges grow
 linearly from none to full over `augment_warmup` epochs. Every rank takes the same number of
 equal-size batches per epoch.
@@ -45,7 +46,9 @@ class Schedule:
     """The step counts of a run (of a resolved TrainConfig) and the values that follow them."""
 
     lr: float  # Adam learning rate of the first epoch
-    lr_decay: float  # × per epoch
+    lr_decay: float  # × per epoch (exponential schedule)
+    lr_schedule: str  # "exponential" or "cosine"
+    anneal_epochs: float  # cosine: epochs until the rate reaches 0
     per_rank: int  # training images each rank sees per epoch (the rest are dropped)
     steps_per_epoch: int
     margin_steps: float  # optimiser steps until the margin reaches 0.9
@@ -61,6 +64,8 @@ class Schedule:
         return cls(
             lr=config.lr,
             lr_decay=config.lr_decay,
+            lr_schedule=config.lr_schedule,
+            anneal_epochs=config.lr_anneal_epochs or config.epochs,
             per_rank=per_rank,
             steps_per_epoch=steps,
             margin_steps=config.margin_epochs * steps,
@@ -68,6 +73,10 @@ class Schedule:
         )
 
     def learning_rate(self, epoch: int) -> float:
+        """Adam's learning rate of epoch `epoch` (0-based)."""
+        if self.lr_schedule == "cosine":
+            done = min(epoch / self.anneal_epochs, 1.0)
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * done))
         return self.lr * self.lr_decay**epoch
 
     def margin(self, step: int) -> float:
