@@ -29,7 +29,7 @@ PHASES = ("forward", "backward", "clip", "adam", "average")
 
 def phase_times(arch: str, batch: int, steps: int, warm_up: int, device) -> dict[str, float]:
     """Mean milliseconds per step of each phase."""
-    step = recipe_step(arch, batch, device)
+    step = fresh_step(arch, batch, device)
 
     def mark() -> float:
         if device.type == "cuda":
@@ -56,7 +56,7 @@ def phase_times(arch: str, batch: int, steps: int, warm_up: int, device) -> dict
     return totals
 
 
-def recipe_step(arch: str, batch: int, device) -> RecipeStep:
+def fresh_step(arch: str, batch: int, device) -> RecipeStep:
     """The default recipe's step for a freshly initialised network on random inputs."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=parse_arch(arch))).to(device)
@@ -69,7 +69,7 @@ def operator_table(arch: str, batch: int, device) -> str:
     """torch.profiler's operators by self time over three training steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = recipe_step(arch, batch, device)
+    step = fresh_step(arch, batch, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()  # warm-up
     with profile(activities=activities) as prof:

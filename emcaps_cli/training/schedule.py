@@ -48,7 +48,7 @@ class Schedule:
     lr: float  # Adam learning rate of the first epoch
     lr_decay: float  # × per epoch (exponential schedule)
     lr_schedule: str  # "exponential" or "cosine"
-    anneal_epochs: float  # cosine: epochs until the rate reaches 0
+    anneal_epochs: float | None  # cosine: epochs until the rate reaches 0
     per_rank: int  # training images each rank sees per epoch (the rest are dropped)
     steps_per_epoch: int
     margin_steps: float  # optimiser steps until the margin reaches 0.9
@@ -65,7 +65,7 @@ class Schedule:
             lr=config.lr,
             lr_decay=config.lr_decay,
             lr_schedule=config.lr_schedule,
-            anneal_epochs=config.lr_anneal_epochs or config.epochs,
+            anneal_epochs=config.lr_anneal_epochs,
             per_rank=per_rank,
             steps_per_epoch=steps,
             margin_steps=config.margin_epochs * steps,

@@ -223,9 +223,8 @@ def start_config(
             f"{run_dir / LAST}: already trained {checkpoint['epoch']} epochs; "
             "pass a larger --epochs to continue"
         )
-    anneal = config.lr_anneal_epochs
-    longer = config.epochs > stored.epochs and anneal is not None and config.epochs > anneal
-    if config.lr_schedule == "cosine" and longer:
+    anneal = config.lr_anneal_epochs  # a cosine run is stored resolved: always set
+    if config.lr_schedule == "cosine" and config.epochs > max(stored.epochs, anneal):
         raise EmcapsError(
             f"--epochs {config.epochs}: the cosine learning rate of {run_dir} reaches 0 after "
             f"{anneal:g} epochs; a longer run needs a new run with --lr-anneal-epochs"
