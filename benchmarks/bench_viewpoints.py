@@ -6,8 +6,11 @@ test error of its best.pt epoch (chosen on validation images) as the target; tra
 network with `--stop-at-error` at that target; compare the two novel-viewpoint errors. A capsule
 run that never reaches the target is reported as such, with its best familiar error.
 
-    python benchmarks/bench_viewpoints.py --data data/synth100.h5 \
+    python benchmarks/bench_viewpoints.py --data data/synth100.h5 --seeds 0,1,2 \
         --cnn "--epochs 10" --capsnet "--arch 64,8,16,16 --epochs 30" --json runs/viewpoints.json
+
+Seeds run in turn, each in RUNS/seedS. The JSON report holds one entry per seed under "runs";
+`python benchmarks/report.py` renders it when it lies in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_learning import EMCAPS, last_json_object, machine_info, read_metrics  # noqa: E402
+from bench_learning import (  # noqa: E402
+    EMCAPS,
+    last_json_object,
+    machine_info,
+    parse_seeds,
+    read_metrics,
+)
 
 from emcaps_cli.utils.atomic import atomic_path  # noqa: E402
 
@@ -48,13 +57,14 @@ def row_at(run_dir: Path, epoch: int) -> dict[str, Any]:
     return next(r for r in read_metrics(run_dir) if r["epoch"] == epoch)
 
 
-def one_split(args: argparse.Namespace, split: str) -> dict[str, Any]:
-    base = ["--split", split, "--seed", str(args.seed)]
-    cnn_dir = args.runs / f"{split}-cnn"
+def one_split(args: argparse.Namespace, split: str, seed: int) -> dict[str, Any]:
+    base = ["--split", split, "--seed", str(seed)]
+    runs = args.runs / f"seed{seed}"
+    cnn_dir = runs / f"{split}-cnn"
     cnn, cnn_wall = run_train(args.data, cnn_dir, [*base, "--model", "cnn", *args.cnn])
     cnn_row = row_at(cnn_dir, cnn["best_epoch"])
     target = cnn_row["test_familiar_error"]
-    caps_dir = args.runs / f"{split}-capsnet"
+    caps_dir = runs / f"{split}-capsnet"
     caps, caps_wall = run_train(
         args.data, caps_dir, [*base, "--stop-at-error", f"{target:.6f}", *args.capsnet]
     )
@@ -96,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="HDF5 cache from `emcaps prepare`")
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated (default: both)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        "--seed",
+        type=parse_seeds,
+        default=[0],
+        help="comma-separated seeds, run in turn (default: 0)",
+    )
     p.add_argument("--cnn", default="--epochs 10", help="options of the CNN runs")
     p.add_argument(
         "--capsnet",
@@ -108,17 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.data.is_file():
         sys.exit(f"error: --data {args.data}: no such file (write one with `emcaps prepare`)")
+    splits = args.splits.split(",")
+    if unknown := [s for s in splits if s not in SPLITS]:
+        sys.exit(f"error: --splits {unknown[0]}: expected azimuth or elevation")
+    report = {
+        "kind": "viewpoints",
+        "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+        "data": str(args.data),
+        "cnn": args.cnn,
+        "capsnet": args.capsnet,
+        "seeds": args.seeds,
+        "machine": machine_info(),
+        "runs": [],
+    }
     args.cnn, args.capsnet = shlex.split(args.cnn), shlex.split(args.capsnet)
-    results = []
-    for split in args.splits.split(","):
-        if split not in SPLITS:
-            sys.exit(f"error: --splits {split}: expected azimuth or elevation")
-        results.append(one_split(args, split))
-        print(f"{split}: done", file=sys.stderr, flush=True)
-    print(table(results))
+    for seed in args.seeds:
+        results = []
+        for split in splits:
+            results.append(one_split(args, split, seed))
+            print(f"seed {seed} {split}: done", file=sys.stderr, flush=True)
+        print(f"seed {seed}\n{table(results)}")
+        report["runs"].append({"seed": seed, "results": results})
     if args.json:
-        report = {"command": sys.argv, "data": str(args.data), "machine": machine_info()}
-        report["results"] = results
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
