@@ -167,6 +167,52 @@ def learning_table(report: dict[str, Any]) -> list[str]:
     return markdown_table(header, rows)
 
 
+HEALTH_LAYERS = ("primary_caps", "conv_caps1", "conv_caps2", "class_caps")
+HEALTH_FIELDS = (
+    ("activation_std", "activation std"),
+    ("assignment_entropy", "assignment entropy"),
+    ("logit_std", "logit std"),
+)
+
+
+def value_range(values: list[float]) -> str:
+    """'0.205–0.389' (three decimals), one value alone, '—' for none."""
+    if not values:
+        return NONE
+    low, high = f"{min(values):.3f}", f"{max(values):.3f}"
+    return low if low == high else f"{low}–{high}"
+
+
+def health_table(report: dict[str, Any]) -> list[str]:
+    """Capsule-health statistics of the last epoch, min–max over seeds, per set and layer;
+    no table when no run recorded diagnostics."""
+    rows = []
+    for name in sorted(report["sets"]):
+        runs = [r for r in report["sets"][name]["runs"] if r.get("diagnostics")]
+        layers = {
+            layer for r in runs for layer, v in r["diagnostics"].items() if "activation_std" in v
+        }
+        known = [layer for layer in HEALTH_LAYERS if layer in layers]
+        for layer in known + sorted(layers - set(HEALTH_LAYERS)):
+            stats = [r["diagnostics"].get(layer, {}) for r in runs]
+            rows.append(
+                [name, layer, str(len(runs))]
+                + [
+                    value_range([s[key] for s in stats if s.get(key) is not None])
+                    for key, _ in HEALTH_FIELDS
+                ]
+            )
+    if not rows:
+        return []
+    header = ["set", "layer", "seeds", *(f"{head} (min–max)" for _, head in HEALTH_FIELDS)]
+    return [
+        "",
+        "Capsule health at the last epoch (`emcaps train` diagnostics on a fixed batch):",
+        "",
+        *markdown_table(header, rows),
+    ]
+
+
 def learning_section(report: dict[str, Any]) -> list[str]:
     facts = []
     if report.get("data"):
@@ -189,6 +235,7 @@ def learning_section(report: dict[str, Any]) -> list[str]:
         "Test error: the last epoch's; best.pt: the epoch chosen on the validation images; "
         "train error: the last epoch's running error on augmented batches. "
         "Mean ± sample sd over seeds.",
+        *health_table(report),
     ]
 
 

@@ -30,6 +30,10 @@ def learning_run(seed: int, test_error: float, **fields) -> dict:
     return {"seed": seed, "ok": True, "test_error": test_error, **fields}
 
 
+def health(conv_caps1_std: float) -> dict:
+    return {"conv1": {"grad_norm": 1.0}, "conv_caps1": {"activation_std": conv_caps1_std}}
+
+
 def table_row(text: str, first_cell: str) -> list[str]:
     """The cells of the markdown table row that starts with `first_cell`."""
     for line in text.splitlines():
@@ -67,8 +71,8 @@ def test_a_bench_learning_report_renders_mean_sd_and_every_seed(tmp_path):
                     "options": "--arch 64,8,16,16",
                     "runs": [
                         learning_run(2, 0.60, train_error=0.25),
-                        learning_run(0, 0.10, train_error=0.25),
-                        learning_run(1, 0.20, train_error=0.25),
+                        learning_run(0, 0.10, train_error=0.25, diagnostics=health(0.4)),
+                        learning_run(1, 0.20, train_error=0.25, diagnostics=health(0.2)),
                         {"seed": 3, "ok": False, "returncode": 1, "stderr_tail": "boom"},
                     ],
                 },
@@ -88,6 +92,7 @@ def test_a_bench_learning_report_renders_mean_sd_and_every_seed(tmp_path):
     assert table_row(text, "zeta")[3] == "50.00"  # one seed: no sd
     assert text.index("| alpha |") < text.index("| zeta |")  # sorted by name
     assert "Machine: Test CPU, 2 CPUs, torch 9.9." in text
+    assert table_row(text, "alpha | conv_caps1")[2:4] == ["2", "0.200–0.400"]
 
     # Same input, same bytes; --check agrees, then catches an edit.
     assert report.main(["--results", str(tmp_path / "results"), "--out", str(out), "--check"]) == 0
