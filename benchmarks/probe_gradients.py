@@ -1,18 +1,26 @@
-"""Gradient signal of the capsule network at initialisation, per layer: how large the gradient
-is and whether successive batches agree on its direction.
+"""Gradient signal and routing state of the capsule network, per layer: how large the gradient
+is, whether successive batches agree on its direction, and how hard each layer routes.
 
-For each setting (routing iterations × E-step likelihood power τ) a network is built with the
-same seed, and the spread loss (margin 0.2, as at the start of training) is differentiated on
-`--batches` successive batches of training images (centre crops). Printed per layer: the mean
-gradient norm and the mean cosine between the gradients of successive batches (1: every batch
-pushes the same way; 0: noise). Also the class layer's mean largest assignment R per child.
+For each setting a network is built with the same seed (or loaded from `--checkpoint` and
+rebuilt with the setting's routing options), and the spread loss (margin 0.2, as at the start
+of training, unless `--margin`) is differentiated on `--batches` successive batches of
+training images (centre crops). Printed per layer: the mean gradient norm, the mean cosine
+between the gradients of successive batches (1: every batch pushes the same way; 0: noise),
+and for each routing layer the mean largest assignment R per child against its value under
+uniform assignments (x uniform: 1 means the routing left R uniform).
 
-    python benchmarks/probe_gradients.py --data data/smallnorb.h5 --iters 1,2,3 --powers 1,0.1
+A setting is `NAME=field=value,field=value` over ModelConfig fields (routing options such as
+iters, likelihood_power, var_floor, final_lambda) plus `w_scale=F`, which multiplies every
+capsule layer's transformation matrices W by F after initialisation (votes F times smaller).
+
+    python benchmarks/probe_gradients.py --set "tau1=likelihood_power=1,var_floor=0.01" \
+        --set "tempered=likelihood_power=0.1,var_floor=0.1" --json probe.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -21,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emcaps_cli.capsules.health import capsule_health
+from emcaps_cli.capsules.em import initial_assignments
+from emcaps_cli.capsules.health import ROUTING_LAYERS, assignment_stats, capsule_health
+from emcaps_cli.checkpoint import load_model
 from emcaps_cli.config import ModelConfig, parse_arch
 from emcaps_cli.data.cache import load_cache
 from emcaps_cli.data.transforms import eval_batch
@@ -31,20 +41,33 @@ from emcaps_cli.models import build_model
 LAYERS = ("conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_caps")
 
 
-def layer_gradients(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
+def layer_gradients(model: torch.nn.Module, images, labels, margin: float):
     """{layer: flattened gradient of the spread loss} for one batch."""
     model.zero_grad(set_to_none=True)
-    spread_loss(model(images), labels, 0.2).backward()
+    spread_loss(model(images), labels, margin).backward()
     return {
         name: torch.cat([p.grad.flatten() for p in getattr(model, name).parameters()])
         for name in LAYERS
     }
 
 
-def probe(config: ModelConfig, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int):
-    torch.manual_seed(seed)
-    model = build_model(config)
-    grads = [layer_gradients(model, x, y) for x, y in batches]
+def uniform_max_assignment(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Each routing layer's mean largest R per child when R is uniform over its parents."""
+    out = {}
+    with torch.no_grad():
+        layers = model.forward_layers(images[:1])
+        below = "primary_caps"
+        for name in ROUTING_LAYERS:
+            inputs = getattr(model, name).routing_inputs(*layers[below])
+            n, l, j, s, _ = inputs.votes().shape
+            r = initial_assignments((n, l, j, s), inputs.spec.child_map, images)
+            out[name] = assignment_stats(r, inputs.spec.child_map)[0]
+            below = name
+    return out
+
+
+def probe(model: torch.nn.Module, batches, margin: float) -> dict:
+    grads = [layer_gradients(model, x, y, margin) for x, y in batches]
     out = {}
     for name in LAYERS:
         norms = [float(g[name].norm()) for g in grads]
@@ -54,19 +77,51 @@ def probe(config: ModelConfig, batches: list[tuple[torch.Tensor, torch.Tensor]],
         ]
         out[name] = {"grad_norm": float(np.mean(norms)), "cosine": float(np.mean(cosines))}
     x, y = batches[0]
-    health = capsule_health(model, x, y, spread_loss, 0.2)
-    out["class_max_assignment"] = health["class_caps"]["max_assignment"]
+    health = capsule_health(model, x, y, spread_loss, margin)
+    uniform = uniform_max_assignment(model, x)
+    for name in ROUTING_LAYERS:
+        out[name]["max_assignment"] = health[name]["max_assignment"]
+        out[name]["max_assignment_uniform"] = uniform[name]
+        out[name]["activation_std"] = health[name]["activation_std"]
     return out
+
+
+def parse_setting(text: str) -> tuple[str, dict]:
+    name, _, body = text.partition("=")
+    fields = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        fields[key.strip()] = json.loads(value) if value[:1] in "-0123456789[tfn" else value
+    return name, fields
+
+
+def make_model(args, fields: dict) -> torch.nn.Module:
+    fields = dict(fields)
+    w_scale = float(fields.pop("w_scale", 1.0))
+    if args.checkpoint:
+        model, _ = load_model(args.checkpoint)
+        config = dataclasses.replace(model.config, **fields)
+        state = model.state_dict()
+        model = build_model(config)
+        model.load_state_dict(state)
+    else:
+        torch.manual_seed(args.seed)
+        model = build_model(ModelConfig(**{"arch": parse_arch(args.arch), **fields}))
+    with torch.no_grad():
+        for name in ROUTING_LAYERS:
+            getattr(model, name).transforms.mul_(w_scale)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("data/smallnorb.h5"))
     p.add_argument("--arch", default="64,8,16,16")
-    p.add_argument("--iters", default="1,2,3", help="comma-separated routing iterations")
-    p.add_argument("--powers", default="1,0.1", help="comma-separated likelihood powers τ")
+    p.add_argument("--checkpoint", type=Path, help="probe these trained weights instead")
+    p.add_argument("--set", action="append", default=[], type=parse_setting, dest="sets")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
@@ -77,21 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.from_numpy(np.ascontiguousarray(train.images[sl]))
         batches.append((eval_batch(images, 2), torch.from_numpy(train.labels[sl]).long()))
     rows = []
-    for iters, power in itertools.product(
-        [int(v) for v in args.iters.split(",")], [float(v) for v in args.powers.split(",")]
-    ):
-        config = ModelConfig(arch=parse_arch(args.arch), iters=iters, likelihood_power=power)
-        result = probe(config, batches, args.seed)
-        rows.append({"iters": iters, "likelihood_power": power, **result})
+    for name, fields in args.sets or [("defaults", {})]:
+        result = probe(make_model(args, fields), batches, args.margin)
+        rows.append({"name": name, "settings": fields, **result})
         cells = "  ".join(
-            f"{name} {result[name]['grad_norm']:.3g} ({result[name]['cosine']:+.2f})"
-            for name in LAYERS
+            f"{layer} {result[layer]['grad_norm']:.2g} ({result[layer]['cosine']:+.2f})"
+            for layer in LAYERS
         )
-        print(
-            f"iters {iters} τ {power:g}: class max R {result['class_max_assignment']:.2f}  {cells}",
-            file=sys.stderr,
-            flush=True,
+        routes = "  ".join(
+            f"{layer} R {result[layer]['max_assignment']:.3f}"
+            f" ({result[layer]['max_assignment'] / result[layer]['max_assignment_uniform']:.1f}x)"
+            f" a-sd {result[layer]['activation_std']:.2f}"
+            for layer in ROUTING_LAYERS
         )
+        print(f"{name}: {cells}\n    {routes}", file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
