@@ -138,7 +138,7 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple[torch.nn.M
 
     path = resolve_checkpoint(path)
     data = load_checkpoint(path, map_location="cpu")
-    config = ModelConfig.from_dict(data["model_config"])
+    config = ModelConfig.from_dict(data["model_config"], str(path))
     model = build_model(config)
     try:
         model.load_state_dict(data["model_state"])

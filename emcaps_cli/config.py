@@ -26,25 +26,39 @@ from emcaps_cli.defaults import (
 )
 from emcaps_cli.errors import EmcapsError
 
-# Values of later fields for configs (checkpoints) written before the field existed.
-LEGACY_DEFAULTS = {
-    "var_floor": 1e-4,
-    "likelihood_power": 1.0,
-    "conv_final_lambda": None,
-    "conv_lambda_by_width": False,
-    "class_beta_a_scale": 1.0,
-    "standardize": "image",
-}
 # The class layer's β_a scale when none is given, by parametrisation (docs/model.md).
 DEFAULT_CLASS_BETA_A_SCALE = {"paper": 1000.0, "released": 1.0}
 
 
-def _check_known_keys(cls: type, d: dict[str, Any], what: str) -> None:
-    """Raise EmcapsError naming the keys of `d` that are not fields of the dataclass `cls`."""
+# Options of earlier versions, and the value that behaves as this version does: a stored
+# config holding that value loads without the key, one holding another value is refused.
+REMOVED_MODEL_FIELDS: dict[str, Any] = {"conv2_final_lambda": None, "conv_beta_a_scale": 1.0}
+
+
+def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
+    """Raise EmcapsError naming the keys of `d` that are not fields of the dataclass `cls`, or
+    the fields it lacks (a config written by an older emcaps: no value is guessed for them)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
         raise EmcapsError(f"{what} has unknown keys: {', '.join(sorted(unknown))}")
+    missing = known - set(d)
+    if missing:
+        raise EmcapsError(
+            f"{what} lacks {', '.join(sorted(missing))}: written by an older emcaps; retrain"
+        )
+
+
+def _drop_removed(d: dict[str, Any], what: str) -> dict[str, Any]:
+    """`d` without the REMOVED_MODEL_FIELDS that hold the value this version behaves as; any
+    other value of them is an EmcapsError (the network would not be the one trained)."""
+    for key, same in REMOVED_MODEL_FIELDS.items():
+        if key in d and d[key] != same:
+            raise EmcapsError(
+                f"{what} sets {key} = {d[key]!r}, an option emcaps no longer has: "
+                "written by an older emcaps; retrain"
+            )
+    return {k: v for k, v in d.items() if k not in REMOVED_MODEL_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,6 @@ class ModelConfig:
     final_lambda    λ_max of the inverse-temperature schedule λ_t = λ_max (1 - 0.95^(t+1))
     conv_final_lambda  λ_max of the two conv-capsule layers; None: final_lambda, as the paper
                     (docs/model.md)
-    conv2_final_lambda  λ_max of conv caps 2 alone; None: conv_final_lambda (both layers alike)
     conv_lambda_by_width  each conv-capsule layer's λ_max is the conv one × (its parent types /
                     its child types): C/B for conv caps 1, D/C for conv caps 2, so a parent's
                     expected share of its children, which the cost term in the activation
@@ -74,7 +87,6 @@ class ModelConfig:
                     moves the class activations' threshold this many times faster; None: 1000
                     for "paper", 1 for "released" (which scales its own); 1 is the plain
                     parameter (docs/model.md)
-    conv_beta_a_scale  the same for the two conv-capsule layers; 1: the plain parameter
     var_floor       added to every σ² in the M-step, in squared pose units (docs/model.md)
     likelihood_power τ of the E-step: R_ij ∝ a_j p_ij^τ; 1 is Procedure 1, τ < 1 tempers the
                     assignments (docs/model.md)
@@ -97,10 +109,8 @@ class ModelConfig:
     routing: str = "exact"
     final_lambda: float = 0.03
     conv_final_lambda: float | None = 0.3
-    conv2_final_lambda: float | None = None
     conv_lambda_by_width: bool = True
     class_beta_a_scale: float | None = None
-    conv_beta_a_scale: float = 1.0
     var_floor: float = 0.1
     likelihood_power: float = 0.1
     parametrisation: str = "paper"
@@ -113,18 +123,13 @@ class ModelConfig:
         """The conv-capsule λ_max before any width scale: conv_final_lambda, else final_lambda."""
         return self.final_lambda if self.conv_final_lambda is None else self.conv_final_lambda
 
-    @property
-    def conv2_lambda_max(self) -> float:
-        """Conv caps 2's λ_max before any width scale: conv2_final_lambda, else conv_lambda_max."""
-        return self.conv_lambda_max if self.conv2_final_lambda is None else self.conv2_final_lambda
-
     def conv_lambdas(self) -> tuple[float, float]:
         """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Scaled by the layer widths")."""
         _, b, c, d = self.arch
-        lam1, lam2 = self.conv_lambda_max, self.conv2_lambda_max
+        lam = self.conv_lambda_max
         if not self.conv_lambda_by_width:
-            return lam1, lam2
-        return lam1 * (c / b), lam2 * (d / c)
+            return lam, lam
+        return lam * (c / b), lam * (d / c)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -156,9 +161,7 @@ class ModelConfig:
         positive = (
             ("final-lambda", self.final_lambda),
             ("conv-final-lambda", self.conv_lambda_max),
-            ("conv2-final-lambda", self.conv2_lambda_max),
             ("class-beta-a-scale", class_scale),
-            ("conv-beta-a-scale", self.conv_beta_a_scale),
             ("var-floor", self.var_floor),
             ("likelihood-power", self.likelihood_power),
         )
@@ -166,7 +169,6 @@ class ModelConfig:
             if not (math.isfinite(value) and value > 0):
                 raise EmcapsError(f"--{name} {value}: expected a positive number")
         object.__setattr__(self, "class_beta_a_scale", float(class_scale))
-        object.__setattr__(self, "conv_beta_a_scale", float(self.conv_beta_a_scale))
         if self.channels not in (1, 2):
             raise EmcapsError(f"--channels {self.channels}: expected 1 or 2")
         object.__setattr__(self, "arch", tuple(int(v) for v in self.arch))
@@ -177,13 +179,12 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        _check_known_keys(cls, d, "model config")
-        # Fields added after a config was written take the value those runs used.
-        d = {**LEGACY_DEFAULTS, **d}
-        if "arch" in d:
-            d["arch"] = tuple(d["arch"])
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> ModelConfig:
+        """The config `to_dict` wrote; `source` (a checkpoint's path) starts any error."""
+        what = f"{source}: model config" if source else "model config"
+        d = _drop_removed(d, what)
+        _check_keys(cls, d, what)
+        return cls(**{**d, "arch": tuple(d["arch"])})
 
 
 # The training loss by model when none is chosen: `default_loss`.
@@ -206,14 +207,6 @@ def parse_arch(text: str) -> tuple[int, int, int, int]:
         raise EmcapsError(f"--arch {text!r}: expected four positive integers A,B,C,D")
     return values  # type: ignore[return-value]
 
-
-# What runs written before a TrainConfig field existed used (their config.json lacks it).
-TRAIN_LEGACY_DEFAULTS = {
-    "augment_warmup": 0.0,
-    "ema_decay": 0.0,
-    "front_lr_scale": 1.0,
-    "grad_clip": 0.0,
-}
 
 # Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
 DEFAULT_LR = {"capsnet": 2e-2, "cnn": 3e-4}
@@ -252,6 +245,11 @@ class TrainConfig:
                     best.pt and last.pt's network use (training/averaging.py); 0: off, the
                     network is evaluated with its raw weights (docs/training.md)
     diagnostics     capsule-health statistics on a fixed batch after every epoch (capsnet)
+    tau_start       deterministic annealing of the E-step: the capsule network trains with
+                    likelihood power τ = tau_start for `tau_hold_epochs` epochs, then τ rises
+                    geometrically to the model's likelihood_power over `tau_anneal_epochs`
+                    (one value per epoch); evaluation always routes with the model's τ.
+                    None: train at the model's τ throughout (training/schedule.py)
     """
 
     data: str = DEFAULT_DATA
@@ -281,6 +279,9 @@ class TrainConfig:
     augment_warmup: float = 5.0
     ema_decay: float = 0.98
     diagnostics: bool = True
+    tau_start: float | None = None
+    tau_hold_epochs: float = 0.0
+    tau_anneal_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -344,6 +345,18 @@ class TrainConfig:
                 self.limit_test is None or self.limit_test >= 1,
                 f"--limit-test {self.limit_test}: need at least 1",
             ),
+            (
+                self.tau_start is None or (math.isfinite(self.tau_start) and self.tau_start > 0),
+                f"--tau-start {self.tau_start}: expected a positive number",
+            ),
+            (
+                math.isfinite(self.tau_hold_epochs) and self.tau_hold_epochs >= 0,
+                f"--tau-hold-epochs {self.tau_hold_epochs}: expected epochs >= 0",
+            ),
+            (
+                math.isfinite(self.tau_anneal_epochs) and self.tau_anneal_epochs >= 0,
+                f"--tau-anneal-epochs {self.tau_anneal_epochs}: expected epochs >= 0",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -371,7 +384,10 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        _check_known_keys(cls, d, "train config")
-        # Fields added after a config was written take the value those runs used.
-        return cls(**{**TRAIN_LEGACY_DEFAULTS, **d})
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> TrainConfig:
+        """The config `to_dict` wrote; `source` (a checkpoint's path) starts any error."""
+        _check_keys(cls, d, f"{source}: train config" if source else "train config")
+        model = d["model"]
+        if isinstance(model, dict):
+            model = ModelConfig.from_dict(model, source)
+        return cls(**{**d, "model": model})

@@ -55,3 +55,39 @@ def test_class_iters_reaches_the_model_config() -> None:
 
     config = new_config(command_params("train", "--iters", "3", "--class-iters", "2"))
     assert (config.model.iters, config.model.class_iters) == (3, 2)
+
+
+def test_every_train_option_is_declared_once_and_listed_under_its_panel() -> None:
+    from typer.testing import CliRunner
+
+    from emcaps_cli.cli.options import PANELS
+    from emcaps_cli.cli.train import TRAIN_OPTIONS
+
+    names = [row.name for row in TRAIN_OPTIONS]
+    assert len(set(names)) == len(names)
+    command = typer.main.get_command(app).commands["train"]
+    assert [param.name for param in command.params] == names  # the command is the table
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).output
+    headings, panel_of = [], {}
+    for line in help_text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            headings.append(line[:-1])
+        elif line.startswith("  --"):
+            flag = line.split()[0]
+            assert flag not in panel_of, f"{flag} listed twice"
+            panel_of[flag] = headings[-1]
+    assert headings == [panel or "Options" for panel in PANELS]
+    expected = {row.spelling.split("/")[0]: row.panel or "Options" for row in TRAIN_OPTIONS}
+    assert panel_of == {**expected, "--help": "Options"}
+
+
+def test_the_options_table_lists_every_option_with_its_config_default() -> None:
+    from emcaps_cli.cli.options_table import main, markdown
+    from emcaps_cli.cli.train import TRAIN_OPTIONS
+
+    text = markdown(TRAIN_OPTIONS)
+    listed = [line.split("`")[1].split()[0] for line in text.splitlines() if line.startswith("| `")]
+    assert sorted(listed) == sorted(row.spelling.split("/")[0] for row in TRAIN_OPTIONS)
+    assert f"| `--epochs` | `{TrainConfig().epochs}` |" in text
+    assert f"| `--iters` | `{ModelConfig().iters}` |" in text
+    assert main(["nonsense"]) == 2

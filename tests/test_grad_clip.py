@@ -47,12 +47,6 @@ def test_the_capsule_network_clips_by_default_and_the_cnn_does_not() -> None:
     assert TrainConfig(grad_clip=0.5).resolved().grad_clip == 0.5
 
 
-def test_configs_written_before_clipping_existed_load_without_it() -> None:
-    old = TrainConfig().resolved().to_dict()
-    del old["grad_clip"]
-    assert TrainConfig.from_dict(old).grad_clip == 0.0
-
-
 @pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
 def test_a_clip_that_is_not_a_norm_is_refused(value: float) -> None:
     with pytest.raises(EmcapsError, match="--grad-clip"):

@@ -123,9 +123,6 @@ def test_conv_final_lambda_sets_the_conv_capsule_layers_only() -> None:
     assert default.conv_caps1.final_lambda == 0.3
     paper = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, conv_final_lambda=None))
     assert paper.conv_caps1.final_lambda == 0.03
-    old = config.to_dict()
-    del old["conv_final_lambda"]  # configs written before the field existed
-    assert ModelConfig.from_dict(old).conv_final_lambda is None
     with pytest.raises(EmcapsError, match="--conv-final-lambda"):
         ModelConfig(conv_final_lambda=0.0)
 
@@ -143,42 +140,15 @@ def test_conv_lambda_by_width_scales_each_conv_layer_by_parent_over_child_types(
     assert equal.conv_lambdas() == (equal.conv_final_lambda, equal.conv_final_lambda)
     one = ModelConfig(arch=(8, 2, 4, 8), conv_final_lambda=0.3, conv_lambda_by_width=False)
     assert one.conv_lambdas() == (0.3, 0.3)
-    old = narrow.to_dict()
-    del old["conv_lambda_by_width"]  # configs written before the field existed
-    assert ModelConfig.from_dict(old).conv_lambdas() == (0.3, 0.3)
 
 
-def test_conv2_final_lambda_sets_the_second_conv_capsule_layer_alone() -> None:
-    config = ModelConfig(arch=(8, 2, 4, 8), iters=2, conv_final_lambda=0.15, conv2_final_lambda=0.3)
-    assert config.conv_lambdas() == pytest.approx((0.15 * 4 / 2, 0.3 * 8 / 4))
-    net = build_model(config)
-    assert net.conv_caps1.final_lambda == pytest.approx(0.3)
-    assert net.conv_caps2.final_lambda == pytest.approx(0.6)
-    unscaled = ModelConfig(conv_final_lambda=0.15, conv2_final_lambda=0.3)  # paper widths
-    assert unscaled.conv_lambdas() == pytest.approx((0.15, 0.3))
-    old = unscaled.to_dict()
-    del old["conv2_final_lambda"]  # configs written before the field: both layers alike
-    assert ModelConfig.from_dict(old).conv_lambdas() == pytest.approx((0.15, 0.15))
-    with pytest.raises(EmcapsError, match="--conv2-final-lambda"):
-        ModelConfig(conv2_final_lambda=-1.0)
-
-
-@pytest.mark.parametrize(
-    ("field", "layer", "other"),
-    [
-        ("class_beta_a_scale", "class_caps", "conv_caps1"),
-        ("conv_beta_a_scale", "conv_caps1", "class_caps"),
-    ],  # fmt: skip
-)
-def test_beta_a_scale_multiplies_its_layers_threshold_only(
-    field: str, layer: str, other: str
-) -> None:
+def test_class_beta_a_scale_multiplies_the_class_layers_threshold_only() -> None:
     """β_a = scale × parameter: the same network as the plain parameter holding scale × the
     value, with a gradient scale times as large on the parameter and none changed elsewhere."""
+    layer, other = "class_caps", "conv_caps1"
     torch.manual_seed(0)
-    plain_scales = {"class_beta_a_scale": 1.0, "conv_beta_a_scale": 1.0}
-    scaled = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, **{**plain_scales, field: 1000.0}))
-    plain = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, **plain_scales))
+    scaled = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, class_beta_a_scale=1000.0))
+    plain = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=2, class_beta_a_scale=1.0))
     plain.load_state_dict(scaled.state_dict())
     scaled_beta = getattr(scaled, layer).beta_a
     plain_beta = getattr(plain, layer).beta_a
@@ -198,17 +168,9 @@ def test_beta_a_scale_multiplies_its_layers_threshold_only(
 
 def test_beta_a_scale_defaults_by_parametrisation() -> None:
     assert ModelConfig().class_beta_a_scale == 1000.0
-    assert ModelConfig().conv_beta_a_scale == 1.0
-    released = ModelConfig(parametrisation="released")
-    assert released.class_beta_a_scale == released.conv_beta_a_scale == 1.0
-    old = ModelConfig().to_dict()
-    del old["class_beta_a_scale"], old["conv_beta_a_scale"]  # configs from before the fields
-    assert ModelConfig.from_dict(old).class_beta_a_scale == 1.0
-    assert ModelConfig.from_dict(old).conv_beta_a_scale == 1.0
+    assert ModelConfig(parametrisation="released").class_beta_a_scale == 1.0
     with pytest.raises(EmcapsError, match="--class-beta-a-scale"):
         ModelConfig(class_beta_a_scale=0.0)
-    with pytest.raises(EmcapsError, match="--conv-beta-a-scale"):
-        ModelConfig(conv_beta_a_scale=float("nan"))
 
 
 def test_class_iters_sets_the_class_capsule_layer_only() -> None:
@@ -217,8 +179,5 @@ def test_class_iters_sets_the_class_capsule_layer_only() -> None:
     assert (net.conv_caps1.iters, net.conv_caps2.iters, net.class_caps.iters) == (3, 3, 2)
     same = build_model(ModelConfig(arch=(8, 4, 4, 4), iters=3))
     assert same.class_caps.iters == 3  # unset: every layer runs --iters, as the paper
-    old = config.to_dict()
-    del old["class_iters"]  # configs written before the field existed
-    assert ModelConfig.from_dict(old).class_iters is None
     with pytest.raises(EmcapsError, match="--class-iters 0"):
         ModelConfig(class_iters=0)

@@ -42,12 +42,6 @@ def test_the_cosine_length_defaults_to_the_epochs_and_can_be_set() -> None:
     assert rates[2] == pytest.approx(0.5e-2) and rates[4] == pytest.approx(0.0, abs=1e-18)
 
 
-def test_configs_written_before_the_schedule_option_load_as_exponential() -> None:
-    old = TrainConfig().to_dict()
-    del old["lr_schedule"], old["lr_anneal_epochs"]
-    assert TrainConfig.from_dict(old).lr_schedule == "exponential"
-
-
 @pytest.mark.parametrize(
     ("options", "flag"),
     [({"lr_schedule": "step"}, "--lr-schedule"), ({"lr_anneal_epochs": 0.0}, "--lr-anneal")],

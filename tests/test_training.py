@@ -400,33 +400,13 @@ def test_each_model_has_its_own_default_learning_rate() -> None:
     assert TrainConfig(lr=1e-2).resolved().lr == 1e-2
 
 
-def test_configs_written_before_augmentation_warmup_existed_augment_from_the_first_step() -> None:
-    old = TrainConfig().to_dict()
-    del old["augment_warmup"]
-    assert TrainConfig().augment_warmup == 5.0
-    assert TrainConfig.from_dict(old).augment_warmup == 0.0
-
-
-def test_configs_written_before_the_variance_floor_existed_load_with_its_old_value() -> None:
-    old = ModelConfig().to_dict()
-    del old["var_floor"]
-    assert ModelConfig.from_dict(old).var_floor == 1e-4
-    assert ModelConfig().var_floor == 0.1
-
-
-def test_configs_written_before_the_standardisation_choice_standardise_the_image() -> None:
-    old = ModelConfig().to_dict()
-    del old["standardize"]
-    assert ModelConfig.from_dict(old).standardize == "image"
+def test_standardisation_defaults_to_the_crop_and_refuses_other_places() -> None:
     assert ModelConfig().standardize == "crop"
     with pytest.raises(EmcapsError, match="--standardize pixel"):
         ModelConfig(standardize="pixel")
 
 
-def test_configs_written_before_the_tempered_e_step_load_as_procedure_1() -> None:
-    old = ModelConfig().to_dict()
-    del old["likelihood_power"]
-    assert ModelConfig.from_dict(old).likelihood_power == 1.0
+def test_the_e_step_is_tempered_by_default_and_refuses_a_power_of_0() -> None:
     assert ModelConfig().likelihood_power == 0.1
     with pytest.raises(EmcapsError, match="--likelihood-power"):
         ModelConfig(likelihood_power=0.0)
@@ -522,12 +502,6 @@ def test_the_front_learns_at_its_scale_of_the_learning_rate(tmp_path: Path) -> N
     bound = 5 * 3.2 * config.lr
     assert max(moved["features.0.weight"], moved["features.0.bias"]) < bound * 1e-3
     assert moved["head.weight"] > bound * 1e-2
-
-
-def test_configs_written_before_the_front_learning_rate_scale_existed_load_with_1() -> None:
-    old = TrainConfig().to_dict()
-    del old["front_lr_scale"]
-    assert TrainConfig.from_dict(old).front_lr_scale == 1.0
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.nan])

@@ -104,8 +104,8 @@ class ConvCaps(nn.Module):
 
     Transformation matrices depend on (kernel offset, child type, parent type). routing="exact"
     normalises each child's assignments over every parent whose receptive field holds it;
-    "patch" routes each K x K patch on its own. The β_a the routing sees is `beta_a_scale`
-    times the parameter.
+    "patch" routes each K x K patch on its own. The β_a the routing sees is the parameter
+    itself (`beta_a_scale` 1; only the class capsules scale theirs).
     """
 
     def __init__(
@@ -121,11 +121,10 @@ class ConvCaps(nn.Module):
         var_floor: float = VAR_FLOOR,
         parametrisation: str = "paper",
         likelihood_power: float = 1.0,
-        beta_a_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.var_floor, self.parametrisation = var_floor, parametrisation
-        self.likelihood_power, self.beta_a_scale = likelihood_power, beta_a_scale
+        self.likelihood_power, self.beta_a_scale = likelihood_power, 1.0
         self.in_types, self.out_types = in_types, out_types
         self.kernel, self.stride, self.iters = kernel, stride, iters
         self.rows, self.row_len = pose_rows(pose)

@@ -11,9 +11,10 @@ Procedure 1's activation is a_j = logistic(λ(β_a − Σ_h (β_u + log σ_h) Σ
   Initial s_b, a_b: 0.5, 0.5 in the conv capsules and 2.0, 1.0 in the class capsules; W std 0.3
   (conv) and 0.01 (class). Not reproduced: the code's M-step mean smoothing (0.9 new + 0.1 old)
   and its variance floor of 5e-4 (set `var_floor` for that).
-* Either form's β_a can be scaled once more (`beta_a_scale`: `ModelConfig.class_beta_a_scale`,
-  default 1000 for "paper", and `conv_beta_a_scale`, default 1): the parameter then moves
-  the threshold that many times faster under Adam (docs/model.md, "The class capsules' threshold").
+* Either form's class-capsule β_a can be scaled once more (`beta_a_scale`:
+  `ModelConfig.class_beta_a_scale`, default 1000 for "paper"; the conv capsules use 1): the
+  parameter then moves the threshold that many times faster under Adam (docs/model.md, "The
+  class capsules' threshold").
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def effective_parameters(
     beta_a_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(β_u, β_a, λ_max) in Procedure 1's form, from the layer's parameters; β_a is further
-    multiplied by `beta_a_scale` (`class_beta_a_scale` or `conv_beta_a_scale`)."""
+    multiplied by `beta_a_scale` (the class capsules' `class_beta_a_scale`; 1 elsewhere)."""
     if kind == "paper":
         lam = final_lambda
     else:

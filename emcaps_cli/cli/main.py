@@ -13,11 +13,12 @@ from typer.core import TyperGroup
 from emcaps_cli.cli._common import INTERRUPTED, click_exceptions, usage_message
 from emcaps_cli.cli.attack import attack
 from emcaps_cli.cli.evaluate import evaluate
+from emcaps_cli.cli.options import PanelledCommand
 from emcaps_cli.cli.prepare import prepare
 from emcaps_cli.cli.summary import summary
 from emcaps_cli.cli.synth import synth
 from emcaps_cli.cli.train import train_command
-from emcaps_cli.utils.allocator import keep_freed_memory
+from emcaps_cli.utils.allocator import huge_pages, keep_freed_memory
 
 
 class OneLineErrors(TyperGroup):
@@ -56,7 +57,7 @@ app = typer.Typer(
 app.command("prepare")(prepare)
 app.command("synth")(synth)
 app.command("summary")(summary)
-app.command("train")(train_command)
+app.command("train", cls=PanelledCommand)(train_command)
 app.command("evaluate")(evaluate)
 app.command("attack")(attack)
 
@@ -64,5 +65,8 @@ COMMANDS = tuple(command.name for command in app.registered_commands)
 
 
 def main() -> None:
-    keep_freed_memory()  # faster routing on CPU; see emcaps_cli/utils/allocator.py
+    # Process settings for faster routing on CPU (emcaps_cli/utils/allocator.py); the commands
+    # import torch inside their functions, so it is not imported yet.
+    huge_pages()
+    keep_freed_memory()
     app(prog_name="emcaps")  # also under `python -m emcaps_cli`

@@ -7,8 +7,14 @@ from typing import Any
 from rich.table import Table
 
 from emcaps_cli.cli import model_options as opts
-from emcaps_cli.cli._common import console, friendly_errors, json_option, print_json
-from emcaps_cli.defaults import Model, Pose, Routing
+from emcaps_cli.cli._common import console, friendly_errors, print_json
+from emcaps_cli.cli.options import Opt, with_options
+
+SHOWN = ("model", "arch", "iters", "pose", "coord_add", "channels", "routing", "final_lambda")
+SUMMARY_OPTIONS = (
+    *(opts.BY_NAME[name] for name in SHOWN),
+    Opt("json_out", bool, "Print the result as JSON on stdout.", flag="--json", default=False),
+)
 
 
 def print_table(info: dict[str, Any], title: str) -> None:
@@ -23,24 +29,17 @@ def print_table(info: dict[str, Any], title: str) -> None:
     console.print(table)
 
 
+@with_options(SUMMARY_OPTIONS)
 @friendly_errors
-def summary(
-    model: Model = opts.MODEL,
-    arch: str = opts.ARCH,
-    iters: int = opts.ITERS,
-    pose: Pose = opts.POSE,
-    coord_add: bool = opts.COORD_ADD,
-    channels: int = opts.CHANNELS,
-    routing: Routing = opts.ROUTING,
-    final_lambda: float = opts.FINAL_LAMBDA,
-    json_out: bool = json_option(),
-) -> None:
+def summary(**params: Any) -> None:
     """Show the network's layers, output shapes (per image) and parameter counts."""
     from emcaps_cli.models.summary import describe
 
-    config = opts.model_config(model, arch, iters, pose, coord_add, channels, routing, final_lambda)
+    json_out = params.pop("json_out")
+    config = opts.model_config(**params)
     info = describe(config)
     if json_out:
         print_json(info)
     else:
-        print_table(info, f"{model} {arch}" if model is Model.capsnet else str(model))
+        title = f"{config.model} {params['arch']}" if config.model == "capsnet" else config.model
+        print_table(info, title)

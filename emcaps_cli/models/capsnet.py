@@ -39,7 +39,7 @@ class CapsNet(nn.Module):
         )
         self.conv1 = nn.Conv2d(config.channels, a, kernel_size=5, stride=2)
         self.primary_caps = PrimaryCaps(a, b)
-        conv = dict(common, routing=config.routing, beta_a_scale=config.conv_beta_a_scale)
+        conv = dict(common, routing=config.routing)
         lambda1, lambda2 = config.conv_lambdas()
         self.conv_caps1 = ConvCaps(b, c, kernel=3, stride=2, **dict(conv, final_lambda=lambda1))
         self.conv_caps2 = ConvCaps(c, d, kernel=3, stride=1, **dict(conv, final_lambda=lambda2))

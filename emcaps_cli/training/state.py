@@ -195,7 +195,7 @@ def resume_config(run_dir: str | os.PathLike, **given: Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"not training options: {', '.join(unknown)}")
     data = load_last(run_dir)
-    stored = TrainConfig.from_dict(data["train_config"])
+    stored = TrainConfig.from_dict(data["train_config"], str(run_dir / LAST))
     refuse_conflicts(run_dir, resume_conflicts(stored, given))
     changes = {k: v for k, v in given.items() if k in RESUMABLE and v is not None}
     return dataclasses.replace(stored, **{**changes, "out": str(run_dir)})
@@ -214,7 +214,7 @@ def start_config(
             check_new_run(run_dir)
         return config.resolved(), None
     checkpoint = load_last(run_dir)
-    stored = TrainConfig.from_dict(checkpoint["train_config"])
+    stored = TrainConfig.from_dict(checkpoint["train_config"], str(run_dir / LAST))
     refuse_conflicts(run_dir, resume_conflicts(stored, flat_options(config)))
     config = dataclasses.replace(stored, **{k: getattr(config, k) for k in RESUMABLE})
     _require_data(config.data)
