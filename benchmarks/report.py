@@ -5,10 +5,16 @@
 
 One section per JSON file, in file-name order: `## <title>`, the description, the command that
 re-runs it and a table. A file's kind comes from its "kind" field ("learning", "viewpoints",
-"speed") or, without one, from its structure, so a report written by `bench_learning.py --json`
-(sets × seeds), `bench_viewpoints.py --json` (splits × seeds) or `bench_model.py --json` (speed)
-renders as it is; "title", "description" and "command" are optional (the title falls back to
-the file name, the command to the one the report recorded).
+"speed", "gradient_probe") or, without one, from its structure, so a report written by
+`bench_learning.py --json` (sets × seeds), `bench_viewpoints.py --json` (splits × seeds),
+`bench_model.py --json` (speed) or `probe_gradients.py --json` (settings × layers) renders as it
+is; "title", "description" and "command" are optional (the title falls back to the file name,
+the command to the one the report recorded).
+
+A learning file may hold "groups" (comparisons of sets, each `### <title>` with its own table,
+its sets in the order listed), "recipes" (the defaults of the commits its sets ran on, referred
+to by each set's "recipe") and "sources" (the reports its runs were pooled from, named by each
+run's "source").
 
 Error rates are percentages, mean ± sample sd (n − 1) over seeds, two decimals.
 """
@@ -138,31 +144,65 @@ def run_machine(report: dict[str, Any], run: dict[str, Any]) -> dict[str, Any] |
     return report.get("machine")
 
 
-def learning_table(report: dict[str, Any]) -> list[str]:
+def ok_runs(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in entry["runs"] if r.get("ok", True)]
+
+
+def seeds_text(seeds: Iterable[int]) -> str:
+    """'0–4' for a run of consecutive seeds, else '0, 2, 5'."""
+    ordered = sorted(seeds)
+    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}–{ordered[-1]}"
+    return ", ".join(map(str, ordered))
+
+
+def learning_table(
+    report: dict[str, Any], names: list[str] | None = None, grouped: bool = False
+) -> list[str]:
+    """One row per set (`names` in that order, else every set by name). `grouped`: a recipe
+    column, the mean over the seeds every set has when they differ, no speed columns."""
     sets = report["sets"]
-    runs_of = {name: [r for r in sets[name]["runs"] if r.get("ok", True)] for name in sets}
+    names = sorted(sets) if names is None else names
+    runs_of = {name: ok_runs(sets[name]) for name in names}
     split_fields = [
         (key, head)
         for key, head in SPLIT_FIELDS
         if any(key in r for rs in runs_of.values() for r in rs)
     ]
-    header = ["set", "options", "seeds", "test error %", "per seed (seed: %)"]
+    # Grouped: the seeds every set of more than one seed has, when the sets' seeds differ.
+    seed_sets = [{r["seed"] for r in runs_of[name]} for name in names]
+    several = [seeds for seeds in seed_sets if len(seeds) > 1]
+    common = set.intersection(*several) if grouped and several else set()
+    shared = common if len(common) > 1 and any(s != common for s in seed_sets) else set()
+    header = ["set", *(["recipe"] if grouped else []), "options", "seeds", "test error %"]
+    header += ["per seed (seed: %)"]
+    header += [f"seeds {seeds_text(shared)} %"] if shared else []
     header += [head for _, head in split_fields]
-    header += ["best.pt test %", "train error %", "img/s", "wall s"]
+    header += ["best.pt test %", "train error %"]
+    header += [] if grouped else ["img/s", "wall s"]
     rows = []
-    for name in sorted(sets):
+    for name in names:
         runs, total = runs_of[name], len(sets[name]["runs"])
         seeds = str(len(runs)) + (f" ({total - len(runs)} failed)" if total > len(runs) else "")
         options = sets[name].get("options", "")
-        row = [name, f"`{options}`" if options else "(defaults)", seeds]
+        row = [name, *([f"`{sets[name].get('recipe', '')}`"] if grouped else [])]
+        row += [f"`{options}`" if options else "(defaults)", seeds]
         row += [mean_sd(r.get("test_error") for r in runs)]
         row += [per_seed((r["seed"], r.get("test_error")) for r in runs)]
+        if shared:
+            has_all = shared <= {r["seed"] for r in runs}
+            row += [
+                mean_sd(r.get("test_error") for r in runs if r["seed"] in shared)
+                if has_all
+                else NONE
+            ]
         row += [mean_sd(r.get(key) for r in runs) for key, _ in split_fields]
         row += [mean_sd(r.get(key) for r in runs) for key in ("best_test_error", "train_error")]
-        row += [
-            mean_sd((r.get(key) for r in runs), 1.0, 1)
-            for key in ("images_per_second", "wall_seconds")
-        ]
+        if not grouped:
+            row += [
+                mean_sd((r.get(key) for r in runs), 1.0, 1)
+                for key in ("images_per_second", "wall_seconds")
+            ]
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -183,11 +223,11 @@ def value_range(values: list[float]) -> str:
     return low if low == high else f"{low}–{high}"
 
 
-def health_table(report: dict[str, Any]) -> list[str]:
+def health_table(report: dict[str, Any], names: list[str] | None = None) -> list[str]:
     """Capsule-health statistics of the last epoch, min–max over seeds, per set and layer;
     no table when no run recorded diagnostics."""
     rows = []
-    for name in sorted(report["sets"]):
+    for name in sorted(report["sets"]) if names is None else names:
         runs = [r for r in report["sets"][name]["runs"] if r.get("diagnostics")]
         layers = {
             layer for r in runs for layer, v in r["diagnostics"].items() if "activation_std" in v
@@ -213,7 +253,16 @@ def health_table(report: dict[str, Any]) -> list[str]:
     ]
 
 
+LEARNING_NOTE = (
+    "Test error: the last epoch's; best.pt: the epoch chosen on the validation images; "
+    "train error: the last epoch's running error on augmented batches. "
+    "Mean ± sample sd over seeds."
+)
+
+
 def learning_section(report: dict[str, Any]) -> list[str]:
+    if report.get("groups"):
+        return grouped_learning_section(report)
     facts = []
     if report.get("data"):
         facts.append(f"Data: `{report['data']}`")
@@ -232,11 +281,94 @@ def learning_section(report: dict[str, Any]) -> list[str]:
         "",
         *learning_table(report),
         "",
-        "Test error: the last epoch's; best.pt: the epoch chosen on the validation images; "
-        "train error: the last epoch's running error on augmented batches. "
-        "Mean ± sample sd over seeds.",
+        LEARNING_NOTE,
         *health_table(report),
     ]
+
+
+def recipe_lines(report: dict[str, Any]) -> list[str]:
+    """One bullet per recipe: its commit, date, defaults and today's options for it."""
+    lines = []
+    for commit, recipe in report.get("recipes", {}).items():
+        text = f"* `{commit}` ({recipe['date']}; {recipe['adopted']}): {recipe['defaults']}."
+        rebuild = [
+            f"{label} `{recipe[key]}`"
+            for key, label in (("capsnet_options", "capsules"), ("cnn_options", "CNN"))
+            if recipe.get(key)
+        ]
+        if rebuild:
+            text += " With today's options: " + "; ".join(rebuild) + "."
+        lines.append(text)
+    return lines
+
+
+def group_sources(report: dict[str, Any], names: list[str]) -> str:
+    """'Runs from `file` at commit: “a”, “b” (seeds 3, 4); …' for the sets of one group."""
+    used: dict[str, dict[str, set]] = {}
+    for name in names:
+        for run in report["sets"][name]["runs"]:
+            label = run.get("source", "(this file)")
+            used.setdefault(label, {}).setdefault(name, set()).add(run["seed"])
+    parts = []
+    for label, sets in used.items():
+        info = report.get("sources", {}).get(label, {})
+        where = f"`{info.get('file', label)}`" + (
+            f" at {info['commit']}" if "commit" in info else ""
+        )
+        entries = []
+        for name, seeds in sets.items():
+            total = {r["seed"] for r in report["sets"][name]["runs"]}
+            noun = "seed" if len(seeds) == 1 else "seeds"
+            suffix = "" if seeds == total else f" ({noun} {seeds_text(seeds)})"
+            entries.append(f"“{name}”{suffix}")
+        parts.append(f"{where}: {', '.join(entries)}")
+    return "Runs from " + "; ".join(parts) + "."
+
+
+def group_lines(report: dict[str, Any], group: dict[str, Any]) -> list[str]:
+    names = group["sets"]
+    missing = [n for n in names if n not in report["sets"]]
+    if missing:
+        raise KeyError(f"group {group['title']!r} names unknown sets: {', '.join(missing)}")
+    lines = [f"### {group['title']}", ""]
+    facts = []
+    if group.get("default"):
+        facts.append(f"Default: {group['default']}")
+    if group.get("adopted"):
+        facts.append(f"adopted in {group['adopted']}")
+    if facts:
+        lines.append(", ".join(facts) + ".")
+    if group.get("description"):
+        lines.append(group["description"])
+    pairs = [
+        (name, run_machine(report, run)) for name in names for run in report["sets"][name]["runs"]
+    ]
+    lines += [machines_line(((f"“{n}”", m) for n, m in pairs), "set"), ""]
+    lines += [*learning_table(report, names, grouped=True), ""]
+    notes = [
+        f"* {name}: {report['sets'][name]['description']}."
+        for name in names
+        if report["sets"][name].get("description")
+    ]
+    lines += [*notes, *([""] if notes else []), group_sources(report, names)]
+    if group.get("health"):
+        lines += health_table(report, names)
+    return [*lines, ""]
+
+
+def grouped_learning_section(report: dict[str, Any]) -> list[str]:
+    facts = []
+    if report.get("data"):
+        facts.append(f"Data: `{report['data']}`")
+    if report.get("epochs"):
+        facts.append(f"{report['epochs']} epochs unless a set gives `--epochs`")
+    lines = [*facts_lines(facts), LEARNING_NOTE, ""]
+    if report.get("recipes"):
+        lines += ["Recipes (the defaults of each commit a set ran on):", "", *recipe_lines(report)]
+        lines.append("")
+    for group in report["groups"]:
+        lines += group_lines(report, group)
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 # --- viewpoints: bench_viewpoints.py reports -----------------------------------------------------
@@ -394,17 +526,75 @@ def speed_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# --- gradient probe: probe_gradients.py reports ---------------------------------------------------
+
+PROBE_LAYERS = ("conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_caps")
+
+
+def probe_rows(report: Any) -> list[dict[str, Any]]:
+    return report["rows"] if isinstance(report, dict) else report
+
+
+def is_probe_row(row: Any) -> bool:
+    return isinstance(row, dict) and all(
+        isinstance(row.get(layer), dict) and "grad_norm" in row[layer] for layer in PROBE_LAYERS
+    )
+
+
+def probe_setting(row: dict[str, Any]) -> str:
+    """The row's setting: its name (and fields), or routing iterations and τ."""
+    if "name" in row:
+        fields = ", ".join(f"{k} {v}" for k, v in (row.get("settings") or {}).items())
+        return f"{row['name']} ({fields})" if fields else str(row["name"])
+    text = f"{row['iters']} iteration{'s' if row['iters'] != 1 else ''}"
+    if "likelihood_power" in row:
+        text += f", τ {row['likelihood_power']:g}"
+    return text
+
+
+def probe_section(report: Any) -> list[str]:
+    """Setting × layer: mean gradient norm (mean cosine between successive batches)."""
+    rows = probe_rows(report)
+    header = ["setting", *PROBE_LAYERS, "class caps largest R"]
+    body = []
+    for row in rows:
+        largest = row.get("class_max_assignment", row["class_caps"].get("max_assignment"))
+        body.append(
+            [
+                probe_setting(row),
+                *(
+                    f"{row[layer]['grad_norm']:#.2g} ({row[layer]['cosine']:+.2f})"
+                    for layer in PROBE_LAYERS
+                ),
+                NONE if largest is None else f"{largest:.2f}",
+            ]
+        )
+    machine = report.get("machine") if isinstance(report, dict) else None
+    return [
+        f"Machine: {describe_machine(machine)}.",
+        "",
+        *markdown_table(header, body),
+        "",
+        "Each cell: the layer's gradient norm, mean over the batches, and in brackets the mean "
+        "cosine between the gradients of successive batches (1: every batch pushes the same way; "
+        "0: noise). Last column: the class layer's mean largest assignment R per child.",
+    ]
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "learning": learning_section,
     "viewpoints": viewpoints_section,
     "speed": speed_section,
+    "gradient_probe": probe_section,
 }
 
 
 def kind_of(report: Any) -> str:
     """The report's "kind", or the one its structure shows."""
+    if isinstance(report, list) and report and all(is_probe_row(row) for row in report):
+        return "gradient_probe"
     if not isinstance(report, dict):
         raise ReportError("not a JSON object")
     if "kind" in report:
@@ -419,7 +609,10 @@ def kind_of(report: Any) -> str:
         return "viewpoints"
     if "reports" in report or isinstance(report.get("runs"), list):
         return "speed"
-    raise ReportError("neither a learning, a viewpoints nor a speed report")
+    rows = report.get("rows")
+    if isinstance(rows, list) and rows and all(is_probe_row(row) for row in rows):
+        return "gradient_probe"
+    raise ReportError("neither a learning, a viewpoints, a speed nor a gradient-probe report")
 
 
 def display_path(path: Path) -> str:
@@ -429,22 +622,28 @@ def display_path(path: Path) -> str:
         return path.name
 
 
-def title_of(path: Path, report: dict[str, Any]) -> str:
-    return report.get("title") or path.stem.replace("_", " ").capitalize()
+def title_of(path: Path, report: Any) -> str:
+    title = report.get("title") if isinstance(report, dict) else None
+    return title or path.stem.replace("_", " ").capitalize()
 
 
-def section(path: Path, report: dict[str, Any]) -> list[str]:
+def group_titles(report: Any) -> list[str]:
+    return [g["title"] for g in report.get("groups", [])] if isinstance(report, dict) else []
+
+
+def section(path: Path, report: Any) -> list[str]:
     lines = [f"## {title_of(path, report)}", ""]
-    if report.get("description"):
-        lines += [report["description"], ""]
-    if report.get("command"):
-        lines += ["```bash", command_text(report["command"]), "```", ""]
+    meta = report if isinstance(report, dict) else {}
+    if meta.get("description"):
+        lines += [meta["description"], ""]
+    if meta.get("command"):
+        lines += ["```bash", command_text(meta["command"]), "```", ""]
     lines += RENDERERS[kind_of(report)](report)
     lines += ["", f"Data file: `{display_path(path)}`.", ""]
     return lines
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path) -> Any:
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -460,9 +659,16 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     paths = sorted(results_dir.glob("*.json"))
     reports = [(path, load(path)) for path in paths]
     lines = ["# Results", "", HEADER, ""]
+    titles: list[str] = []
     for path, report in reports:
         title = title_of(path, report)
         lines.append(f"* [{title}](#{github_anchor(title)}) — `{display_path(path)}`")
+        lines += [f"  * [{sub}](#{github_anchor(sub)})" for sub in group_titles(report)]
+        titles += [title, *group_titles(report)]
+    anchors = [github_anchor(t) for t in titles]
+    repeated = sorted({t for t in titles if anchors.count(github_anchor(t)) > 1})
+    if repeated:
+        raise ReportError(f"headings repeated across the results: {', '.join(repeated)}")
     lines.append("")
     for path, report in reports:
         try:

@@ -10,13 +10,30 @@ from conftest import load_benchmark
 
 report = load_benchmark("report")
 
-# Sections the README and docs link to.
+# Sections the README and docs link to: the tables, and each default's comparison.
 LINKED_ANCHORS = {
     "learning-quick-start-set",
     "table-1-routing-iterations",
     "paper-model",
     "viewpoint-generalisation-table-2-protocol",
     "speed",
+    "gradient-probe-at-initialisation",
+    "recipe-ablations-routing",
+    "variance-floor",
+    "tempered-e-step",
+    "conv-capsule-lambda-max",
+    "class-capsule-threshold-scale",
+    "conv-capsule-lambda-max-by-layer-width",
+    "recipe-ablations-training",
+    "cnn-learning-rate",
+    "capsule-learning-rate",
+    "learning-rate-schedule",
+    "augmentation-warm-up",
+    "weight-average",
+    "front-learning-rate-scale",
+    "crop-standardisation",
+    "gradient-clipping",
+    "batch-size",
 }
 
 
@@ -49,9 +66,13 @@ def test_the_committed_results_page_is_what_the_results_render_to(capsys):
 
 def test_the_committed_page_has_the_sections_the_docs_link_to():
     text = report.OUTPUT.read_text()
-    anchors = {report.github_anchor(t) for t in re.findall(r"^## (.+)$", text, flags=re.M)}
-    assert LINKED_ANCHORS <= anchors
+    headings = re.findall(r"^###? (.+)$", text, flags=re.M)
+    anchors = [report.github_anchor(t) for t in headings]
+    assert LINKED_ANCHORS <= set(anchors)
+    assert len(anchors) == len(set(anchors))  # GitHub would suffix a repeated one
     assert text.splitlines()[2] == report.HEADER
+    # Every in-page link points at a heading of the page.
+    assert set(re.findall(r"\]\(#([^)]+)\)", text)) <= set(anchors)
 
 
 def test_a_bench_learning_report_renders_mean_sd_and_every_seed(tmp_path):
@@ -198,3 +219,132 @@ def test_github_anchors():
     assert report.github_anchor("Viewpoint generalisation (Table 2 protocol)") == (
         "viewpoint-generalisation-table-2-protocol"
     )
+
+
+def grouped_report() -> dict:
+    machine = {"cpu": "Old CPU", "nproc": 2}
+
+    def runs(source: str, *pairs: tuple[int, float]) -> list[dict]:
+        return [learning_run(seed, err, source=source) for seed, err in pairs]
+
+    return {
+        "kind": "learning",
+        "title": "Ablations",
+        "epochs": 10,
+        "recipes": {
+            "abc1234": {
+                "date": "2026-01-01",
+                "adopted": "knob adopted",
+                "defaults": "the old defaults",
+                "capsnet_options": "--knob 0",
+                "cnn_options": "",
+            }
+        },
+        "sources": {
+            "a.json": {"file": "benchmarks/a.json", "commit": "abc1234", "machine": machine},
+            "b.json": {"file": "benchmarks/b.json", "commit": "def5678"},
+        },
+        "sets": {
+            "zz before": {
+                "recipe": "abc1234",
+                "options": "--knob 0",
+                "runs": runs("a.json", (0, 0.30), (1, 0.50), (2, 0.40)),
+            },
+            "aa after": {
+                "recipe": "abc1234",
+                "options": "--knob 1",
+                "description": "ran on a scratch copy",
+                "runs": runs("a.json", (0, 0.10), (1, 0.20), (2, 0.30))
+                + runs("b.json", (3, 0.60), (4, 0.80)),
+            },
+            "one seed": {"recipe": "abc1234", "options": "", "runs": runs("a.json", (0, 0.9))},
+        },
+        "groups": [
+            {
+                "title": "Knob",
+                "default": "`--knob 1`",
+                "adopted": "abc1234",
+                "description": "Before against after.",
+                "sets": ["zz before", "aa after", "one seed"],
+            },
+            {"title": "Knob again", "sets": ["aa after"]},
+        ],
+    }
+
+
+def test_groups_render_a_table_each_in_the_order_listed(tmp_path):
+    write(tmp_path / "results" / "ablations.json", grouped_report())
+    out = tmp_path / "results.md"
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(out)]) == 0
+    text = out.read_text()
+
+    # Table of contents: the file and its groups.
+    assert "* [Ablations](#ablations)" in text and "  * [Knob again](#knob-again)" in text
+    assert "* `abc1234` (2026-01-01; knob adopted): the old defaults." in text
+    assert "With today's options: capsules `--knob 0`." in text
+    knob = text[text.index("### Knob\n") : text.index("### Knob again")]
+    assert "Default: `--knob 1`, adopted in abc1234.\nBefore against after." in knob
+    assert knob.index("| zz before |") < knob.index("| aa after |")  # as listed, not sorted
+    header = next(line for line in knob.splitlines() if line.startswith("| set |"))
+    assert "| recipe |" in header and "img/s" not in header
+    # The seeds all sets of several seeds share (0-2): a column, "—" for a set without them.
+    assert "| seeds 0–2 % |" in header
+    after = table_row(knob, "aa after")
+    assert after[1:3] == ["`abc1234`", "`--knob 1`"]
+    # 10, 20, 30, 60, 80 %: sample sd sqrt(3400 / 4) = 29.15; seeds 0-2 alone 20 ± 10.
+    assert after[4:6] == ["40.00 ± 29.15", "0: 10.00 · 1: 20.00 · 2: 30.00 · 3: 60.00 · 4: 80.00"]
+    assert after[6] == "20.00 ± 10.00"
+    assert table_row(knob, "one seed")[6] == "—"
+    assert "* aa after: ran on a scratch copy." in knob
+    assert (
+        "Runs from `benchmarks/a.json` at abc1234: “zz before”, “aa after” (seeds 0–2), "
+        "“one seed”; `benchmarks/b.json` at def5678: “aa after” (seeds 3, 4)." in knob
+    )
+    assert "(sets “aa after”, “one seed”, “zz before”)" in knob  # Old CPU: a.json's machine
+    assert "Machines: not recorded (set “aa after”); Old CPU, 2 CPUs (sets" in knob
+    # A group of one set's seeds: no shared-seed column.
+    again = text[text.index("### Knob again") :]
+    assert "seeds 0–2 %" not in again
+
+
+def test_a_group_naming_an_unknown_set_or_a_repeated_heading_is_an_error(tmp_path, capsys):
+    value = grouped_report()
+    value["groups"][1]["sets"] = ["missing"]
+    write(tmp_path / "results" / "ablations.json", value)
+    out = tmp_path / "results.md"
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+    value["groups"][1] = {"title": "Knob", "sets": ["aa after"]}
+    write(tmp_path / "results" / "ablations.json", value)
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(out)]) == 2
+    assert "repeated" in capsys.readouterr().err and not out.exists()
+
+
+def probe_row(cosine: float, **setting) -> dict:
+    layers = ("conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_caps")
+    row = {layer: {"grad_norm": 2.967e-5, "cosine": cosine} for layer in layers}
+    return {**setting, **row}
+
+
+def test_a_gradient_probe_renders_settings_by_layers(tmp_path):
+    results = tmp_path / "results"
+    # As probe_gradients.py --iters/--powers wrote it: a bare list of rows.
+    write(
+        results / "a_probe.json",
+        [
+            probe_row(0.1026, iters=3, likelihood_power=1.0, class_max_assignment=0.2312),
+            probe_row(0.88, iters=1, likelihood_power=0.1, class_max_assignment=0.2),
+        ],
+    )
+    # Named settings, the class layer's assignment inside its layer.
+    row = probe_row(-0.5, name="tempered", settings={"likelihood_power": 0.1})
+    row["class_caps"]["max_assignment"] = 0.5
+    write(results / "b_probe.json", {"kind": "gradient_probe", "title": "B", "rows": [row]})
+    out = tmp_path / "results.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    cells = table_row(text, "3 iterations, τ 1")
+    assert cells[1] == "3.0e-05 (+0.10)" and cells[-1] == "0.23"
+    assert table_row(text, "1 iteration, τ 0.1")[1] == "3.0e-05 (+0.88)"
+    assert table_row(text, "tempered (likelihood_power 0.1)")[5:] == ["3.0e-05 (-0.50)", "0.50"]
