@@ -46,6 +46,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_two_seeds_give_a_table_and_a_json_report(fake_cache: Path, tmp_path: Path) -> None:
     report_path = tmp_path / "out" / "bench.json"
     runs = tmp_path / "runs"
@@ -75,6 +76,7 @@ def test_two_seeds_give_a_table_and_a_json_report(fake_cache: Path, tmp_path: Pa
     assert done.stderr.count("[1/2] cnn seed 0") == 1 and "[2/2] cnn seed 1" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_set_is_named_and_the_exit_status_is_nonzero(
     fake_cache: Path, tmp_path: Path
 ) -> None:

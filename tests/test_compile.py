@@ -10,8 +10,9 @@ from emcaps_cli.config import ModelConfig
 from emcaps_cli.losses import spread_loss
 from emcaps_cli.models import build_model
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
+
 def test_compiled_capsule_network_matches_eager_values_and_gradients():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=(4, 2, 2, 2), iters=2, routing="exact"))

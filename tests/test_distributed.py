@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_cache
 
 from emcaps_cli.checkpoint import load_model
 from emcaps_cli.data.cache import load_split
 from emcaps_cli.data.transforms import eval_batch
+
+pytestmark = pytest.mark.slow  # two torchrun processes, a whole training run
 
 
 def test_two_process_gloo_run(tmp_path: Path) -> None:

@@ -102,6 +102,7 @@ def test_attack_eps_zero_equals_evaluate(files: dict[str, Path]) -> None:
     assert 0 <= out["gradient"]["zero_fraction"] <= 1 and out["gradient"]["mean_abs"] > 0
 
 
+@pytest.mark.slow
 def test_attack_several_checkpoints_targeted_bim_with_plot(
     files: dict[str, Path], tmp_path: Path
 ) -> None:

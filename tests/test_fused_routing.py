@@ -94,6 +94,7 @@ def test_fused_equals_plain_autograd_with_a_tempered_e_step(exact, iters, kernel
     assert not torch.allclose(tempered, plain)  # τ changes the routing
 
 
+@pytest.mark.slow
 def test_fused_gradcheck_with_a_tempered_e_step(kernels):
     (poses, transforms, acts, beta_u, beta_a), offset, spec = problem("matrix", True, True)
     poses, acts = poses[:1], acts[:1]
@@ -105,6 +106,7 @@ def test_fused_gradcheck_with_a_tempered_e_step(kernels):
     )
 
 
+@pytest.mark.slow
 def test_fused_gradcheck(kernels):
     (poses, transforms, acts, beta_u, beta_a), _, _ = problem("matrix", True, False)
     poses, acts = poses[:1, :2], acts[:1, :2]  # one image, two parent positions
@@ -113,6 +115,7 @@ def test_fused_gradcheck(kernels):
     assert torch.autograd.gradcheck(lambda *x: route(*x, spec), args, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_gradcheck_exact_routing_with_offset(kernels):
     (poses, transforms, acts, beta_u, beta_a), offset, spec = problem("matrix", True, True)
     poses, acts = poses[:1], acts[:1]  # one image, every parent position (children shared)

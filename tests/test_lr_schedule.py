@@ -51,6 +51,7 @@ def test_a_bad_schedule_is_refused_by_name(options: dict, flag: str) -> None:
         TrainConfig(**options)
 
 
+@pytest.mark.slow
 def test_a_cosine_run_records_its_rates_and_cannot_be_extended_past_zero(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=60, n_test=20)
     run = tmp_path / "run"

@@ -149,6 +149,7 @@ def test_gradcheck_fully_connected():
     )
 
 
+@pytest.mark.slow
 def test_gradcheck_exact_convolutional():
     side, k, b, j = 4, 3, 2, 2
     child_map = conv_child_map(side, side, k, 1, b)

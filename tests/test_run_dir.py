@@ -45,6 +45,7 @@ def test_a_new_run_refuses_a_directory_holding_any_run_file(tmp_path: Path, name
     assert digests(run) == before
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_last_pt_is_not_overwritten(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
     run = tmp_path / "run"
@@ -65,6 +66,7 @@ def hold_lock(run: Path) -> int:
     return handle
 
 
+@pytest.mark.slow
 def test_a_second_train_on_the_same_out_fails_at_once_naming_the_other(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=20, n_test=10)
     run = tmp_path / "run"

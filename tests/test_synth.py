@@ -142,6 +142,7 @@ def test_same_seed_same_bytes_other_seed_other_views(one_view: Path, tmp_path: P
     assert not np.array_equal(other, synth.plan_split("train", views=1, seed=7).info)
 
 
+@pytest.mark.slow
 def test_parallel_rendering_writes_the_same_bytes(one_view: Path, tmp_path: Path) -> None:
     synth.write_synthetic(tmp_path / "par", views=1, seed=7, workers=2)
     for path in one_view.iterdir():

@@ -79,6 +79,7 @@ def test_amp_on_cpu_is_refused_clearly(tmp_path: Path) -> None:
     assert out.exit_code == 2 and "--amp" in out.output and "CUDA" in out.output
 
 
+@pytest.mark.slow
 def test_resume_is_the_same_command_plus_resume(tmp_path: Path) -> None:
     make_cache(tmp_path / "c.h5", n_train=40, n_test=20)
     start = ["train", "--data", "c.h5", "--out", "run", *QUICK, "--limit-train", "30"]

@@ -117,6 +117,7 @@ def test_loss_falls_over_a_few_steps(tmp_path: Path) -> None:
     assert np.mean(steps.losses[-4:]) < np.mean(steps.losses[:4]) - 0.1
 
 
+@pytest.mark.slow
 def test_small_model_learns_a_learnable_set_well_above_chance(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=300, n_test=100)
     result = train_tiny(cnn_config(cache, tmp_path / "run", epochs=6, lr=1e-2))
@@ -124,6 +125,7 @@ def test_small_model_learns_a_learnable_set_well_above_chance(tmp_path: Path) ->
     assert result.last_metrics["validation_error"] < 0.35
 
 
+@pytest.mark.slow
 def test_tiny_capsule_network_learns_above_chance(tmp_path: Path) -> None:
     """With one iteration, the former variance floor and the capsule network's learning rate:
     the default floor (0.1) exceeds the vote spread of so small a network and stalls it for

@@ -143,10 +143,10 @@ def test_the_interpreter_runs_a_kernel_on_this_torch():
 @pytest.mark.parametrize(
     "pose, exact, offset, iters",
     [
-        ("matrix", True, False, 3),
+        pytest.param("matrix", True, False, 3, marks=pytest.mark.slow),
         ("matrix", True, True, 1),
-        ("vector", True, True, 2),
-        ("matrix", False, True, 3),
+        pytest.param("vector", True, True, 2, marks=pytest.mark.slow),
+        pytest.param("matrix", False, True, 3, marks=pytest.mark.slow),
         ("vector", False, False, 1),
     ],
 )
@@ -161,6 +161,7 @@ def test_class_layer_with_coordinate_addition_equals_plain_autograd(pose, iters)
     assert_triton_equals_plain(*class_problem(pose, iters), F64)
 
 
+@pytest.mark.slow
 def test_tempered_e_step_equals_plain_autograd():
     """R ∝ a p^τ with τ = 0.1 (the model's default likelihood power), exact conv routing and the
     class layer."""
@@ -168,6 +169,7 @@ def test_tempered_e_step_equals_plain_autograd():
     assert_triton_equals_plain(*class_problem("matrix", 2, seed=2, power=0.1), F64)
 
 
+@pytest.mark.slow
 def test_slots_in_several_tiles_with_a_partial_last_one(monkeypatch):
     """9 slots in tiles of 4: the per-problem sums run over 3 tiles, the last one masked; and 4
     programs share 3 copies of dL/dW."""
@@ -176,6 +178,7 @@ def test_slots_in_several_tiles_with_a_partial_last_one(monkeypatch):
     assert_triton_equals_plain(*conv_problem("matrix", True, True, 2, images=1, seed=3), F64)
 
 
+@pytest.mark.slow
 def test_batch_routed_in_chunks_and_backward_twice_with_a_retained_graph():
     """Chunks of one image give the whole batch's results, and the tape the backward reads
     survives a first backward pass."""
@@ -197,6 +200,7 @@ def test_batch_routed_in_chunks_and_backward_twice_with_a_retained_graph():
         torch.testing.assert_close(a, c, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_float32_and_bf16_autocast_keep_routing_in_float32():
     """float32 is what runs on the GPU; under bf16 autocast (`--amp`) route casts up and the
     kernels still compute in float32."""
@@ -301,6 +305,7 @@ def test_paper_shaped_network_on_triton_equals_the_pytorch_path():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_a_hopper_gpu_without_spilling_registers():
     """The interpreter never compiles: this runs Triton's compiler and ptxas for sm_90 on the
     paper's conv-capsule shape (matrix poses, J = 32 parents of S = 288 slots), no GPU needed."""
