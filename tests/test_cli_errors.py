@@ -72,6 +72,7 @@ def test_boolean_flags_are_shown_as_flags() -> None:
     assert "--augment / --no-augment" in text
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_start_up_is_one_line(files: dict[str, Path]) -> None:
     script = (
         "import os, signal, sys\n"
@@ -101,7 +102,9 @@ def test_prepare_out_an_existing_directory_is_refused_before_work(tmp_path: Path
     assert list(target.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["prepare", "synth", "attack"])
+@pytest.mark.parametrize(
+    "command", ["prepare", "synth", pytest.param("attack", marks=pytest.mark.slow)]
+)
 def test_an_output_under_a_regular_file_is_refused_before_work(
     files: dict[str, Path], tmp_path: Path, command: str
 ) -> None:
@@ -139,6 +142,7 @@ def small_images_cache(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate", "attack"])
 def test_images_smaller_than_the_crop_are_refused(
     files: dict[str, Path], tmp_path: Path, command: str
@@ -148,6 +152,7 @@ def test_images_smaller_than_the_crop_are_refused(
     assert_error_line(result, "small.h5", "24px", "32px crop")
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_cache_with_a_label_out_of_range(tmp_path: Path, files) -> None:
     cache = write_cache(tmp_path / "c.h5", n_test=10, n_train=10)
     with h5py.File(cache, "a") as h5:
@@ -156,6 +161,7 @@ def test_evaluate_refuses_a_cache_with_a_label_out_of_range(tmp_path: Path, file
     assert_error_line(result, "c.h5: /test/labels: label 7 at record 3")
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_checkpoint_with_a_flipped_bit(files: dict[str, Path], tmp_path) -> None:
     from test_checkpoint import flip_bit_in_largest_record
 
@@ -213,6 +219,7 @@ def test_attack_prints_its_table_before_writing_the_plot(
     assert last.startswith(f"error: --plot {png}") and "No space left" in last
 
 
+@pytest.mark.slow
 def test_transfer_report_names_the_source_checkpoint(files: dict[str, Path]) -> None:
     args = ["--source", files["other"], "--eps", "0.1", "--limit", 5, "--data", files["cache"]]
     result = run_emcaps("attack", files["cnn"], *args)

@@ -230,6 +230,7 @@ def outputs_and_gradients(model, x):
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.slow
 def test_whole_network_equals_plain_autograd_routing(kernels, tiny_network, monkeypatch):
     """Every layer's routing on the backend under test against plain autograd through every
     op (plain_route, the same math stored step by step): outputs and every gradient."""
