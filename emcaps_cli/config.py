@@ -20,6 +20,7 @@ from emcaps_cli.defaults import (
     MODELS,
     PARAMETRISATIONS,
     POSES,
+    PRESETS,
     ROUTINGS,
     SPLITS,
     STANDARDIZES,
@@ -220,6 +221,10 @@ DEFAULT_GRAD_CLIP = {"capsnet": 1.0, "cnn": 0.0}
 class TrainConfig:
     """Everything that defines a training run; stored in config.json and every checkpoint.
 
+    preset          the named recipe the run started from (emcaps_cli/presets/); the fields
+                    hold the resolved values, the preset's and any options given over it.
+                    The defaults of both dataclasses are the "tempered" preset's values
+
     loss            None: `default_loss` of the model ("spread" for the capsule network,
                     "cross-entropy" for the CNN)
     batch_size      images per optimiser step per process (effective batch = × processes);
@@ -252,6 +257,7 @@ class TrainConfig:
                     None: train at the model's τ throughout (training/schedule.py)
     """
 
+    preset: str = "tempered"
     data: str = DEFAULT_DATA
     out: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -287,6 +293,10 @@ class TrainConfig:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         checks = (
+            (
+                self.preset in PRESETS,
+                f"--preset {self.preset}: expected one of {', '.join(PRESETS)}",
+            ),
             (self.epochs >= 1, f"--epochs {self.epochs}: need at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: need at least 1"),
             (

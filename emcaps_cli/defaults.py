@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 
 
-class Choice(str, enum.Enum):
+class Choice(str, enum.Enum):  # noqa: UP042 (str mixin: the value prints as itself)
     """A fixed set of option values: str-valued, printed as the value itself."""
 
     def __str__(self) -> str:
@@ -52,6 +52,14 @@ class Loss(Choice):
     spread = "spread"
     margin = "margin"
     cross_entropy = "cross-entropy"
+
+
+class PresetName(Choice):
+    """Named recipes, one TOML file each in emcaps_cli/presets/."""
+
+    tempered = "tempered"  # emcaps' recipe: tempered EM routing (τ = 0.1) — not Procedure 1
+    paper = "paper"  # Procedure 1 and section 5; the released code's values where it is silent
+    released = "released"  # the authors' released code as far as emcaps expresses it
 
 
 class LrSchedule(Choice):
@@ -96,6 +104,7 @@ STANDARDIZES = values(Standardize)
 DEFAULT_STANDARDIZE = Standardize.crop.value  # ModelConfig's (docs/training.md, "Input")
 LOSSES = values(Loss)
 LR_SCHEDULES = values(LrSchedule)
+PRESETS = values(PresetName)
 SPLITS = values(ViewpointSplit)
 METHODS = values(AttackMethod)
 

@@ -20,7 +20,7 @@ from emcaps_cli.cli._common import (
 )
 from emcaps_cli.cli.options import ADVANCED, RUN, TABLE_1, TRAINING, Opt, with_options
 from emcaps_cli.config import DEFAULT_GRAD_CLIP, DEFAULT_LOSS, DEFAULT_LR, TrainConfig
-from emcaps_cli.defaults import Kernels, Loss, LrSchedule, ViewpointSplit
+from emcaps_cli.defaults import Kernels, Loss, LrSchedule, PresetName, ViewpointSplit
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.utils.reporter import Reporter
 
@@ -69,6 +69,8 @@ class RichReporter(Reporter):
             f"{images['test']} test images -> {info['run_dir']}"
             + (f" (from epoch {resumed[0] + 1}, step {resumed[1]})" if resumed else "")
         )
+        if info["config"]["model"]["model"] == "capsnet":
+            console.print(f"routing: {info['routing']} (preset {info['config']['preset']})")
         if self.bars:
             self.progress = progress_display()
             self.progress.start()
@@ -122,6 +124,16 @@ def _train(name: str, type_: Any, help: str, panel: str | None = TRAINING, **kw:
 # Every option of `emcaps train`, once: the model options (model_options.py) among the training
 # ones. `--help` shows them by panel (RUN first), in this order within a panel.
 TRAIN_OPTIONS = (
+    _train(
+        "preset",
+        PresetName,
+        "Named recipe (emcaps_cli/presets/*.toml); options given with it override its values. "
+        "tempered: emcaps' recipe, tempered EM routing (E-step R ∝ a·p^τ, τ = 0.1, σ² floor "
+        "0.1) — not the paper's Procedure 1 | paper: Procedure 1 and section 5, the released "
+        "code's values where the paper is silent | released: the authors' released code as "
+        "far as emcaps expresses it (docs/model.md).",
+        RUN,
+    ),
     _train("data", Path, "HDF5 cache from `emcaps prepare`.", RUN),
     _train(
         "out",
@@ -253,19 +265,56 @@ TRAIN_OPTIONS = (
         ADVANCED,
         metavar="D",
     ),
+    _train(
+        "tau_start",
+        float,
+        "Deterministic annealing of the E-step: train with likelihood power τ = this for "
+        "--tau-hold-epochs, then raise τ geometrically to --likelihood-power over "
+        "--tau-anneal-epochs (one value per epoch); evaluation always routes with "
+        "--likelihood-power. Unset: no annealing.",
+        ADVANCED,
+        metavar="TAU",
+    ),
+    _train("tau_hold_epochs", float, "Epochs trained at --tau-start.", ADVANCED, metavar="EPOCHS"),
+    _train(
+        "tau_anneal_epochs",
+        float,
+        "Epochs over which τ rises from --tau-start to --likelihood-power.",
+        ADVANCED,
+        metavar="EPOCHS",
+    ),
 )
 CONFIG_OPTIONS = {row.name: row for row in TRAIN_OPTIONS if row.config is not None}
 
 
-def new_config(params: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of a fresh run from the command's parameters."""
+def new_config(params: dict[str, Any], typed: frozenset[str] = frozenset()) -> TrainConfig:
+    """The TrainConfig of a fresh run from the command's parameters: the preset's values for
+    the options not in `typed` (those given on the command line), which keep theirs."""
+    from emcaps_cli.config import ModelConfig
+    from emcaps_cli.presets import load_preset
+
+    preset = load_preset(CONFIG_OPTIONS["preset"].to_config(params["preset"]))
     model = opts.model_config(**{row.name: params[row.name] for row in opts.MODEL_OPTIONS})
+    model_fields = model.to_dict()
+    model_fields.update({k: v for k, v in preset.model.items() if k not in typed})
+    model_fields["arch"] = tuple(model_fields["arch"])
     fields = {
         name: row.to_config(params[name])
         for name, row in CONFIG_OPTIONS.items()
         if row.config is TrainConfig
     }
-    return TrainConfig(model=model, **fields)
+    preset_train = preset.train_fields(model_fields["model"])
+    fields.update({k: v for k, v in preset_train.items() if k not in typed})
+    return TrainConfig(model=ModelConfig(**model_fields), **fields)
+
+
+def typed_names(ctx: typer.Context) -> frozenset[str]:
+    """The parameters given on the command line (source by enum name: Typer may vendor click)."""
+    return frozenset(
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+    )
 
 
 def typed_options(ctx: typer.Context) -> dict[str, Any]:
@@ -304,7 +353,7 @@ def train_command(ctx: typer.Context, **params: Any) -> None:
             raise EmcapsError("--resume needs --out RUN_DIR (the run to continue)")
         config = resume_config(params["out"], **typed_options(ctx))
     else:
-        config = new_config(params)
+        config = new_config(params, typed_names(ctx))
     reporter = RichReporter()
     try:
         result = train(config, resume=params["resume"], reporter=reporter)

@@ -7,7 +7,10 @@ TrainConfig field.
     released   the authors' released code (google-research capsule_em) as far as emcaps
                expresses it
 
-A preset fills the fields it names; options given on the command line override it
+A file has a `description`, a `[model]` table (ModelConfig fields), a `[train]` table
+(TrainConfig fields for either network) and a `[capsnet]` table (TrainConfig fields that
+apply to the capsule network only, such as its learning rate: the CNN keeps its own). A preset
+fills the fields it names; options given on the command line override it
 (`emcaps train --preset paper --lr 3e-3`). A leaf module like config.py: no torch.
 """
 
@@ -20,10 +23,10 @@ from importlib import resources
 from typing import Any
 
 from emcaps_cli.config import ModelConfig, TrainConfig
+from emcaps_cli.defaults import PRESETS
 from emcaps_cli.errors import EmcapsError
 
-PRESETS = ("tempered", "paper", "released")
-DEFAULT_PRESET = "tempered"
+DEFAULT_PRESET = "tempered"  # the dataclasses' defaults are its values (tests/test_presets.py)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class Preset:
     description: str
     model: dict[str, Any]
     train: dict[str, Any]
+    capsnet: dict[str, Any]  # TrainConfig fields for the capsule network only
+
+    def train_fields(self, model: str) -> dict[str, Any]:
+        """The TrainConfig fields this preset sets for a network of kind `model`."""
+        return {**self.train, **(self.capsnet if model == "capsnet" else {})}
 
 
 def _check_fields(cls: type, values: dict[str, Any], where: str) -> None:
@@ -49,13 +57,24 @@ def load_preset(name: str) -> Preset:
         raise EmcapsError(f"--preset {name}: expected one of {', '.join(PRESETS)}")
     text = resources.files(__name__).joinpath(f"{name}.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    extra = sorted(set(data) - {"description", "model", "train"})
+    extra = sorted(set(data) - {"description", "model", "train", "capsnet"})
     if extra:
         raise EmcapsError(f"preset {name}: unknown sections {', '.join(extra)}")
     model, train = dict(data.get("model", {})), dict(data.get("train", {}))
+    capsnet = dict(data.get("capsnet", {}))
     _check_fields(ModelConfig, model, name)
     _check_fields(TrainConfig, train, name)
-    return Preset(name, str(data.get("description", "")), model, train)
+    _check_fields(TrainConfig, capsnet, name)
+    return Preset(name, str(data.get("description", "")), model, train, capsnet)
+
+
+def preset_config(name: str, model: dict[str, Any] | None = None, **train: Any) -> TrainConfig:
+    """The TrainConfig of preset `name`, with the given ModelConfig / TrainConfig fields over
+    its values: `preset_config("paper", {"arch": (64, 8, 16, 16)}, epochs=20)`."""
+    preset = load_preset(name)
+    model_config = ModelConfig(**{**preset.model, **(model or {})})
+    fields = {**preset.train_fields(model_config.model), **train}
+    return TrainConfig(**fields, model=model_config, preset=name)
 
 
 def routing_rule(config: ModelConfig) -> str:

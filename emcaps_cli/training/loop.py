@@ -40,6 +40,7 @@ from emcaps_cli.data.transforms import eval_batch, train_batch
 from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
 from emcaps_cli.models import build_model, count_parameters
+from emcaps_cli.presets import routing_rule
 from emcaps_cli.training.averaging import WeightAverage
 from emcaps_cli.training.clipping import clip_gradient
 from emcaps_cli.training.data import (
@@ -321,6 +322,7 @@ def _announce(run: _Run, resume: bool) -> None:
     if ctx.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         setting = {
+            "routing": routing_rule(config.model),
             "train_config": config.to_dict(),
             "model_config": config.model.to_dict(),
             "parameters": parameters,
@@ -339,6 +341,7 @@ def _announce(run: _Run, resume: bool) -> None:
     run.reporter.start(
         {
             "run_dir": str(run.run_dir),
+            "routing": routing_rule(config.model),
             "device": str(run.device),
             "world_size": ctx.world,
             "parameters": parameters,
@@ -372,6 +375,7 @@ def train_one_epoch(run: _Run, stop: StopRequest) -> tuple[float, _EpochSums]:
     lr = run.schedule.learning_rate(p.epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before the scale: 1 group
+    set_likelihood_power(run.model, run.schedule.likelihood_power(p.epoch))
     usable = run.schedule.per_rank * ctx.world
     n_train = len(run.data.train.labels)
     order = epoch_permutation(n_train, config.seed, p.epoch)[:usable]
@@ -425,6 +429,13 @@ def _train_step(run: _Run, idx: torch.Tensor, lr: float, sums: _EpochSums) -> fl
     return loss_value
 
 
+def set_likelihood_power(model: torch.nn.Module, power: float) -> None:
+    """Route every capsule layer of `model` with the E-step's likelihood power `power`."""
+    for module in model.modules():
+        if hasattr(module, "likelihood_power"):
+            module.likelihood_power = power
+
+
 def _training_images(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     """The network's input for training rows `idx`: augmented, or the centre crop."""
     model, images = run.config.model, run.data.train.images[idx]
@@ -458,6 +469,8 @@ def evaluate_epoch(run: _Run, lr: float, margin: float | None) -> dict[str, Any]
     train_seconds = p.partial["seconds"]
     run.reporter.evaluating()
     t_eval = time.perf_counter()
+    trained_power = run.schedule.likelihood_power(p.epoch)
+    set_likelihood_power(run.model, config.model.likelihood_power)  # evaluate the model's E-step
     with run.evaluated():
         val = _count_errors(run, run.data.validation).tolist()
         test = _count_errors(run, run.data.test).tolist()
@@ -475,6 +488,8 @@ def evaluate_epoch(run: _Run, lr: float, margin: float | None) -> dict[str, Any]
     if config.split != "full":
         metrics["test_familiar_error"] = _rate(test[2], test[3])
         metrics["test_novel_error"] = _rate(test[0] - test[2], test[1] - test[3])
+    if config.tau_start is not None:
+        metrics["train_likelihood_power"] = trained_power
     if config.grad_clip > 0:
         metrics["clipped_steps"] = p.partial.get("clipped", 0.0) / run.schedule.steps_per_epoch
     metrics["images_per_second"] = p.partial["count"] / max(train_seconds, 1e-9)

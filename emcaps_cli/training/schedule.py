@@ -1,9 +1,13 @@
-"""What changes with the step and the epoch: learning rate, spread-loss margin, augmentation.
+"""What changes with the step and the epoch: learning rate, spread-loss margin, augmentation,
+the E-step's likelihood power τ during training.
 
 Adam's learning rate of epoch e (0-based) is lr · lr_decay^e, or with the cosine schedule
 lr · ½(1 + cos(π·e/H)) over H anneal epochs (0 from epoch H on); the spread-loss margin grows
 linearly from 0.2 to 0.9 over `margin_epochs` (section 4.1); the augmentation's ranges grow
-linearly from none to full over `augment_warmup` epochs. Every rank takes the same number of
+linearly from none to full over `augment_warmup` epochs; with `tau_start` set, the capsule
+network trains with the E-step's τ at tau_start for `tau_hold_epochs`, then rising
+geometrically to the model's τ over `tau_anneal_epochs` (deterministic annealing, one value
+per epoch), and is always evaluated at the model's τ. Every rank takes the same number of
 equal-size batches per epoch.
 """
 
@@ -53,6 +57,10 @@ class Schedule:
     steps_per_epoch: int
     margin_steps: float  # optimiser steps until the margin reaches 0.9
     warmup_steps: float  # optimiser steps until the augmentation is at full strength
+    tau_start: float | None = None  # E-step τ of the first epochs; None: the model's τ
+    tau_end: float = 1.0  # the model's τ (ModelConfig.likelihood_power)
+    tau_hold_epochs: float = 0.0  # epochs trained at tau_start
+    tau_anneal_epochs: float = 0.0  # epochs over which τ then rises to tau_end
 
     @classmethod
     def of(cls, config: TrainConfig, n_train: int, world: int) -> Schedule:
@@ -70,6 +78,10 @@ class Schedule:
             steps_per_epoch=steps,
             margin_steps=config.margin_epochs * steps,
             warmup_steps=config.augment_warmup * steps,
+            tau_start=config.tau_start,
+            tau_end=config.model.likelihood_power,
+            tau_hold_epochs=config.tau_hold_epochs,
+            tau_anneal_epochs=config.tau_anneal_epochs,
         )
 
     def learning_rate(self, epoch: int) -> float:
@@ -85,3 +97,15 @@ class Schedule:
 
     def augment_strength(self, step: int) -> float:
         return augment_strength(step, self.warmup_steps)
+
+    def likelihood_power(self, epoch: int) -> float:
+        """The E-step's τ the network trains with in epoch `epoch` (0-based): tau_start for
+        the hold, then geometric steps that reach the model's τ in the last anneal epoch."""
+        if self.tau_start is None:
+            return self.tau_end
+        done = (epoch - self.tau_hold_epochs + 1) / max(self.tau_anneal_epochs, 1e-9)
+        if epoch < self.tau_hold_epochs or done <= 0:
+            return self.tau_start
+        if done >= 1:
+            return self.tau_end
+        return self.tau_start * (self.tau_end / self.tau_start) ** done
