@@ -355,6 +355,14 @@ class TrainConfig:
                 self.limit_test is None or self.limit_test >= 1,
                 f"--limit-test {self.limit_test}: need at least 1",
             ),
+        )
+        for ok, message in (*checks, *self._annealing_checks()):
+            if not ok:
+                raise EmcapsError(message)
+
+    def _annealing_checks(self) -> tuple[tuple[bool, str], ...]:
+        """(valid, error message) of the E-step annealing options."""
+        return (
             (
                 self.tau_start is None or (math.isfinite(self.tau_start) and self.tau_start > 0),
                 f"--tau-start {self.tau_start}: expected a positive number",
@@ -368,9 +376,6 @@ class TrainConfig:
                 f"--tau-anneal-epochs {self.tau_anneal_epochs}: expected epochs >= 0",
             ),
         )
-        for ok, message in checks:
-            if not ok:
-                raise EmcapsError(message)
 
     def resolved(self) -> TrainConfig:
         """A copy with the defaults that depend on other options filled in."""
