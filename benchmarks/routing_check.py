@@ -1,0 +1,100 @@
+"""Does a trained capsule network route? For each checkpoint: the test error when every layer
+routes with fewer iterations than it was trained with (the same weights), and each routing
+layer's mean largest assignment R per child after training against its value under uniform
+assignments.
+
+    python benchmarks/routing_check.py runs/routing_study/tempered-seed0/last.pt ... \
+        --data data/smallnorb.h5 --iters 1,2,3 --json routing_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emcaps_cli.capsules.health import ROUTING_LAYERS, capsule_health
+from emcaps_cli.checkpoint import load_model
+from emcaps_cli.data.cache import load_cache
+from emcaps_cli.data.transforms import eval_batch
+from emcaps_cli.losses import spread_loss
+from emcaps_cli.models import build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_gradients import uniform_max_assignment  # noqa: E402
+
+
+def rebuilt(model: torch.nn.Module, **fields) -> torch.nn.Module:
+    """The same weights in a network whose ModelConfig differs by `fields`."""
+    other = build_model(dataclasses.replace(model.config, **fields))
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+@torch.no_grad()
+def test_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    wrong = 0
+    for start in range(0, len(labels), 100):
+        scores = model(images[start : start + 100])
+        wrong += int((scores.argmax(1) != labels[start : start + 100]).sum())
+    return wrong / len(labels)
+
+
+def check(path: Path, images_u8: np.ndarray, labels: torch.Tensor, iters: list[int]) -> dict:
+    model, _ = load_model(path)
+    config = model.config
+    images = eval_batch(torch.from_numpy(images_u8), config.channels, order=config.standardize)
+    errors = {
+        str(k): test_error(rebuilt(model, iters=k, class_iters=None), images, labels)
+        for k in iters
+        if k <= config.iters
+    }
+    health = capsule_health(model, images[:16], labels[:16], spread_loss, 0.9)
+    uniform = uniform_max_assignment(model, images[:16])
+    routing = {
+        name: {
+            "max_assignment": health[name]["max_assignment"],
+            "uniform": uniform[name],
+            "assignment_entropy": health[name]["assignment_entropy"],
+        }
+        for name in ROUTING_LAYERS
+    }
+    return {"checkpoint": str(path), "iters": config.iters, "test_error_by_iters": errors,
+            "routing": routing}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--data", type=Path, default=Path("data/smallnorb.h5"))
+    p.add_argument("--iters", default="1,2,3", help="comma-separated iteration counts to try")
+    p.add_argument("--limit", type=int, default=1000, help="test images used (the first N)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    test = load_cache(args.data).test
+    n = min(args.limit, len(test.labels))
+    images = np.ascontiguousarray(test.images[:n])
+    labels = torch.from_numpy(test.labels[:n]).long()
+    iters = [int(v) for v in args.iters.split(",")]
+    rows = []
+    for path in args.checkpoints:
+        row = check(path, images, labels, iters)
+        rows.append(row)
+        errors = "  ".join(f"{k} it {100 * e:.1f}%" for k, e in row["test_error_by_iters"].items())
+        routes = "  ".join(
+            f"{name} R {r['max_assignment']:.3f} ({r['max_assignment'] / r['uniform']:.1f}x)"
+            for name, r in row["routing"].items()
+        )
+        print(f"{path}: {errors}\n    {routes}", file=sys.stderr, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"kind": "routing_check", "runs": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
