@@ -555,10 +555,20 @@ def probe_setting(row: dict[str, Any]) -> str:
 def probe_section(report: Any) -> list[str]:
     """Setting × layer: mean gradient norm (mean cosine between successive batches)."""
     rows = probe_rows(report)
-    header = ["setting", *PROBE_LAYERS, "class caps largest R"]
+    routed = all("max_assignment_uniform" in row["conv_caps1"] for row in rows)
+    last = "largest R ÷ uniform (conv 1 / conv 2 / class)" if routed else "class caps largest R"
+    header = ["setting", *PROBE_LAYERS, last]
     body = []
     for row in rows:
         largest = row.get("class_max_assignment", row["class_caps"].get("max_assignment"))
+        if routed:
+            ratios = (
+                row[layer]["max_assignment"] / row[layer]["max_assignment_uniform"]
+                for layer in ("conv_caps1", "conv_caps2", "class_caps")
+            )
+            largest_text = " / ".join(f"{r:.1f}" for r in ratios)
+        else:
+            largest_text = NONE if largest is None else f"{largest:.2f}"
         body.append(
             [
                 probe_setting(row),
@@ -566,7 +576,7 @@ def probe_section(report: Any) -> list[str]:
                     f"{row[layer]['grad_norm']:#.2g} ({row[layer]['cosine']:+.2f})"
                     for layer in PROBE_LAYERS
                 ),
-                NONE if largest is None else f"{largest:.2f}",
+                largest_text,
             ]
         )
     machine = report.get("machine") if isinstance(report, dict) else None
@@ -577,7 +587,48 @@ def probe_section(report: Any) -> list[str]:
         "",
         "Each cell: the layer's gradient norm, mean over the batches, and in brackets the mean "
         "cosine between the gradients of successive batches (1: every batch pushes the same way; "
-        "0: noise). Last column: the class layer's mean largest assignment R per child.",
+        "0: noise). Last column: "
+        + (
+            "each routing layer's mean largest assignment R per child, as a multiple of its "
+            "value under uniform assignments (1: the routing left R uniform)."
+            if routed
+            else "the class layer's mean largest assignment R per child."
+        ),
+    ]
+
+
+def routing_check_section(report: dict[str, Any]) -> list[str]:
+    """Checkpoint × (test error with 1..k iterations, with other τ per layer, largest R)."""
+    runs = report["runs"]
+    iters = sorted({k for run in runs for k in run["test_error_by_iters"]}, key=int)
+    powers = sorted({k for run in runs for k in run.get("test_error_by_layer_powers", {})})
+    header = [
+        "checkpoint",
+        *(f"{k} iteration{'s' if k != '1' else ''} %" for k in iters),
+        *(f"τ {k} %" for k in powers),
+        "largest R ÷ uniform (conv 1 / conv 2 / class)",
+    ]
+    body = []
+    for run in runs:
+        by_iters, by_power = run["test_error_by_iters"], run.get("test_error_by_layer_powers", {})
+        ratios = " / ".join(
+            f"{r['max_assignment'] / r['uniform']:.1f}" for r in run["routing"].values()
+        )
+        body.append(
+            [
+                f"`{run['checkpoint']}`",
+                *(percent(by_iters.get(k)) for k in iters),
+                *(percent(by_power.get(k)) for k in powers),
+                ratios,
+            ]
+        )
+    return [
+        *markdown_table(header, body),
+        "",
+        "Test error of the same weights routed with fewer iterations than trained (every layer), "
+        "and with the E-step likelihood power τ set per layer (conv caps 1, conv caps 2, class "
+        "caps); last column: each routing layer's mean largest assignment R per child after "
+        "training, as a multiple of its value under uniform assignments.",
     ]
 
 
@@ -588,6 +639,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "viewpoints": viewpoints_section,
     "speed": speed_section,
     "gradient_probe": probe_section,
+    "routing_check": routing_check_section,
 }
 
 

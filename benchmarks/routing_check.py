@@ -1,7 +1,8 @@
 """Does a trained capsule network route? For each checkpoint: the test error when every layer
-routes with fewer iterations than it was trained with (the same weights), and each routing
-layer's mean largest assignment R per child after training against its value under uniform
-assignments.
+routes with fewer iterations than it was trained with (the same weights), the test error with
+other E-step likelihood powers τ per layer (`--powers "1,1,1"`: conv caps 1, conv caps 2,
+class caps), and each routing layer's mean largest assignment R per child after training
+against its value under uniform assignments.
 
     python benchmarks/routing_check.py runs/routing_study/tempered-seed0/last.pt ... \
         --data data/smallnorb.h5 --iters 1,2,3 --json routing_check.json
@@ -45,7 +46,15 @@ def test_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     return wrong / len(labels)
 
 
-def check(path: Path, images_u8: np.ndarray, labels: torch.Tensor, iters: list[int]) -> dict:
+def with_powers(model: torch.nn.Module, powers: list[float]) -> torch.nn.Module:
+    """The same network routing with likelihood power powers[k] in routing layer k."""
+    other = rebuilt(model)
+    for name, power in zip(ROUTING_LAYERS, powers, strict=True):
+        getattr(other, name).likelihood_power = power
+    return other
+
+
+def check(path, images_u8, labels, iters: list[int], powers: list[list[float]]) -> dict:
     model, _ = load_model(path)
     config = model.config
     images = eval_batch(torch.from_numpy(images_u8), config.channels, order=config.standardize)
@@ -53,6 +62,10 @@ def check(path: Path, images_u8: np.ndarray, labels: torch.Tensor, iters: list[i
         str(k): test_error(rebuilt(model, iters=k, class_iters=None), images, labels)
         for k in iters
         if k <= config.iters
+    }
+    by_power = {
+        ",".join(f"{p:g}" for p in ps): test_error(with_powers(model, ps), images, labels)
+        for ps in powers
     }
     health = capsule_health(model, images[:16], labels[:16], spread_loss, 0.9)
     uniform = uniform_max_assignment(model, images[:16])
@@ -64,8 +77,9 @@ def check(path: Path, images_u8: np.ndarray, labels: torch.Tensor, iters: list[i
         }
         for name in ROUTING_LAYERS
     }
-    return {"checkpoint": str(path), "iters": config.iters, "test_error_by_iters": errors,
-            "routing": routing}  # fmt: skip
+    return {"checkpoint": str(path), "iters": config.iters,
+            "likelihood_power": config.likelihood_power, "test_error_by_iters": errors,
+            "test_error_by_layer_powers": by_power, "routing": routing}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/smallnorb.h5"))
     p.add_argument("--iters", default="1,2,3", help="comma-separated iteration counts to try")
     p.add_argument("--limit", type=int, default=1000, help="test images used (the first N)")
+    p.add_argument(
+        "--powers",
+        nargs="*",
+        default=[],
+        help='E-step τ per routing layer to try, e.g. "1,1,1" "0.1,0.1,1" (conv 1, conv 2, class)',
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     test = load_cache(args.data).test
@@ -81,11 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     images = np.ascontiguousarray(test.images[:n])
     labels = torch.from_numpy(test.labels[:n]).long()
     iters = [int(v) for v in args.iters.split(",")]
+    powers = [[float(v) for v in text.split(",")] for text in args.powers]
+    if any(len(ps) != len(ROUTING_LAYERS) for ps in powers):
+        p.error("--powers: three values each (conv caps 1, conv caps 2, class caps)")
     rows = []
     for path in args.checkpoints:
-        row = check(path, images, labels, iters)
+        row = check(path, images, labels, iters, powers)
         rows.append(row)
         errors = "  ".join(f"{k} it {100 * e:.1f}%" for k, e in row["test_error_by_iters"].items())
+        errors += "".join(
+            f"  τ {k}: {100 * e:.1f}%" for k, e in row["test_error_by_layer_powers"].items()
+        )
         routes = "  ".join(
             f"{name} R {r['max_assignment']:.3f} ({r['max_assignment'] / r['uniform']:.1f}x)"
             for name, r in row["routing"].items()

@@ -348,3 +348,24 @@ def test_a_gradient_probe_renders_settings_by_layers(tmp_path):
     assert cells[1] == "3.0e-05 (+0.10)" and cells[-1] == "0.23"
     assert table_row(text, "1 iteration, τ 0.1")[1] == "3.0e-05 (+0.88)"
     assert table_row(text, "tempered (likelihood_power 0.1)")[5:] == ["3.0e-05 (-0.50)", "0.50"]
+
+
+def test_a_routing_check_renders_errors_by_iterations_and_powers(tmp_path):
+    results = tmp_path / "results"
+    routing = {
+        layer: {"max_assignment": 0.5, "uniform": 0.2, "assignment_entropy": 0.5}
+        for layer in ("conv_caps1", "conv_caps2", "class_caps")
+    }
+    run = {
+        "checkpoint": "runs/x/last.pt",
+        "iters": 3,
+        "likelihood_power": 0.1,
+        "test_error_by_iters": {"1": 0.8, "3": 0.0712},
+        "test_error_by_layer_powers": {"1,1,1": 0.77},
+        "routing": routing,
+    }
+    write(results / "c.json", {"kind": "routing_check", "title": "C", "runs": [run]})
+    out = tmp_path / "results.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    cells = table_row(out.read_text(), "`runs/x/last.pt`")
+    assert cells[1:] == ["80.00", "7.12", "77.00", "2.5 / 2.5 / 2.5"]

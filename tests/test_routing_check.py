@@ -22,10 +22,12 @@ def test_routing_check_reports_errors_by_iterations_and_assignments(tmp_path):
     train(config.resolved())
     out = tmp_path / "check.json"
     args = [str(tmp_path / "run" / "last.pt"), "--data", str(cache), "--iters", "1,2,3"]
+    args += ["--powers", "1,1,1", "0.1,0.1,1"]
     assert load_benchmark("routing_check").main([*args, "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["runs"]
     assert set(row["test_error_by_iters"]) == {"1", "2"}  # never more than it was trained with
     assert all(0 <= e <= 1 for e in row["test_error_by_iters"].values())
+    assert set(row["test_error_by_layer_powers"]) == {"1,1,1", "0.1,0.1,1"}
     for layer in ("conv_caps1", "conv_caps2", "class_caps"):
         r = row["routing"][layer]
         assert 0 < r["uniform"] <= r["max_assignment"] + 1e-6 <= 1 + 1e-6
