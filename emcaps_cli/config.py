@@ -125,7 +125,7 @@ class ModelConfig:
         return self.final_lambda if self.conv_final_lambda is None else self.conv_final_lambda
 
     def conv_lambdas(self) -> tuple[float, float]:
-        """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Scaled by the layer widths")."""
+        """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Where emcaps departs from the paper and the released code")."""
         _, b, c, d = self.arch
         lam = self.conv_lambda_max
         if not self.conv_lambda_by_width:
@@ -209,11 +209,11 @@ def parse_arch(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-# Adam's first-epoch learning rate by model (docs/training.md, "Learning rates").
+# Adam's first-epoch learning rate by model (docs/training.md, "The recipe and why").
 DEFAULT_LR = {"capsnet": 2e-2, "cnn": 3e-4}
 
 # Largest gradient norm before Adam's step, by model; 0: no clipping (docs/training.md,
-# "Gradient clipping").
+# "The recipe and why").
 DEFAULT_GRAD_CLIP = {"capsnet": 1.0, "cnn": 0.0}
 
 
@@ -228,7 +228,7 @@ class TrainConfig:
     loss            None: `default_loss` of the model ("spread" for the capsule network,
                     "cross-entropy" for the CNN)
     batch_size      images per optimiser step per process (effective batch = × processes);
-                    16 for both models (docs/training.md, "Batch size")
+                    16 for both models (docs/training.md, "The recipe and why")
     lr, lr_decay    Adam learning rate of epoch e (0-based) is lr · lr_decay^e; lr None:
                     DEFAULT_LR of the model (docs/training.md)
     lr_schedule     "exponential" (the line above) or "cosine": lr · ½(1 + cos(π·e/H)) with

@@ -9,12 +9,12 @@ Procedure 1's activation is a_j = logistic(λ(β_a − Σ_h (β_u + log σ_h) Σ
   with parameters s_b ("sigma_biases") and a_b ("activation_biases"). Written in Procedure 1's
   form it is λ = 2 β_t, β_u = s_b (ln 2π + 1)/2, β_a = −2500 a_b; the class layer uses β_t/4.
   Initial s_b, a_b: 0.5, 0.5 in the conv capsules and 2.0, 1.0 in the class capsules; W std 0.3
-  (conv) and 0.01 (class). Not reproduced: the code's M-step mean smoothing (0.9 new + 0.1 old)
-  and its variance floor of 5e-4 (set `var_floor` for that).
+  (conv) and 0.01 (class). Not reproduced: the code's M-step mean smoothing (0.9 new + 0.1 old);
+  its variance floor of 5e-4 is `var_floor` (the "released" preset sets it).
 * Either form's class-capsule β_a can be scaled once more (`beta_a_scale`:
   `ModelConfig.class_beta_a_scale`, default 1000 for "paper"; the conv capsules use 1): the
-  parameter then moves the threshold that many times faster under Adam (docs/model.md, "The
-  class capsules' threshold").
+  parameter then moves the threshold that many times faster under Adam (docs/model.md, "Where
+  emcaps departs from the paper and the released code", row "class β_a scale").
 """
 
 from __future__ import annotations
