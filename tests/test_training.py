@@ -23,6 +23,7 @@ from emcaps_cli.errors import EmcapsError
 from emcaps_cli.losses import get_loss
 from emcaps_cli.models import build_model
 from emcaps_cli.routing import backend as routing_backend
+from emcaps_cli.training import loop
 from emcaps_cli.training.data import epoch_permutation, split_indices
 from emcaps_cli.training.loop import TrainingInterrupted, resume_config, train
 from emcaps_cli.training.schedule import parameter_groups
@@ -366,6 +367,97 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint
     saved = torch.load(run / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 0)
     assert_same_weights(reference / "last.pt", run / "last.pt")
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity whose gradient is NaN: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def losses_that_record(calls: list[tuple[float, int]], step_hook=None):
+    """A `get_loss` whose loss functions append (loss, batch size) to `calls` every step and
+    pass the loss through `step_hook(step, loss)` (steps counted from 1 over the run)."""
+
+    def get(name: str):
+        fn = get_loss(name)
+
+        def wrapped(scores, target, margin):
+            loss = fn(scores, target, margin)
+            calls.append((loss.item(), len(target)))
+            return step_hook(len(calls), loss) if step_hook else loss
+
+        return wrapped
+
+    return get
+
+
+def test_a_non_finite_gradient_stops_the_run_at_most_readback_steps_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss and its gradient are read from the device every READBACK_STEPS steps: the run
+    goes on for at most that many steps, names the bad one, and saves nothing trained since."""
+    monkeypatch.setattr(loop, "READBACK_STEPS", 4)
+    cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
+    reference = tmp_path / "reference"
+    train_tiny(cnn_config(cache, reference, epochs=1, batch_size=8))  # 12 steps an epoch
+    calls: list[tuple[float, int]] = []
+    bad = 12 + 6  # epoch 2, step 6: read after steps 1, 5, 9, 12 of an epoch
+
+    def hook(step: int, loss: torch.Tensor) -> torch.Tensor:
+        return NanGradient.apply(loss) if step == bad else loss
+
+    run = tmp_path / "run"
+    message = r"non-finite training gradient \(nan\) at epoch 2, step 6 .*Try a smaller --lr"
+    with pytest.raises(EmcapsError, match=message):
+        config = cnn_config(cache, run, epochs=3, batch_size=8)
+        train_tiny(config, get_loss=losses_that_record(calls, hook))
+    assert bad < len(calls) <= bad + 4
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 0)
+    assert all(torch.isfinite(w).all() for w in saved["model_state"].values())
+    assert_same_weights(reference / "last.pt", run / "last.pt")
+
+
+def test_a_stop_request_after_a_non_finite_step_saves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop, "READBACK_STEPS", 50)
+    cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
+
+    def hook(step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step == 3:  # read after steps 1 and 12: the stop request comes first
+            signal.raise_signal(signal.SIGTERM)
+        return loss * float("nan") if step == 2 else loss
+
+    run = tmp_path / "run"
+    with pytest.raises(EmcapsError, match=r"loss \(nan\) at epoch 1, step 2 .*no checkpoint"):
+        config = cnn_config(cache, run, epochs=1, batch_size=8)
+        train_tiny(config, get_loss=losses_that_record([], hook))
+    assert not (run / "last.pt").exists()
+
+
+def test_the_epochs_loss_is_the_mean_of_its_steps_and_the_bar_shows_the_last_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop, "READBACK_STEPS", 3)
+    cache = make_cache(tmp_path / "c.h5", n_train=100, n_test=20)
+    calls: list[tuple[float, int]] = []
+    steps = StepLosses()
+    config = cnn_config(cache, tmp_path / "run", epochs=2, batch_size=8)
+    result = train_tiny(config, reporter=steps, get_loss=losses_that_record(calls))
+    assert len(calls) == 24 and [n for _, n in calls[:12]] == [8] * 11 + [2]
+    epoch2 = calls[12:]
+    assert result.last_metrics["train_loss"] == sum(loss * n for loss, n in epoch2) / 90
+    # Read after the first step, once 3 steps are pending and after the last: 1, 4, 7, 10, 12.
+    shown = [1, 1, 1, 4, 4, 4, 7, 7, 7, 10, 10, 12]
+    assert steps.losses[12:] == [epoch2[step - 1][0] for step in shown]
 
 
 # --- capsule-health diagnostics, defaults ---------------------------------------------------

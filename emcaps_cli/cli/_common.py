@@ -195,14 +195,19 @@ def use_kernels(choice: Kernels | str | None) -> None:
 
 
 def _import_triton() -> None:
-    """Load the Triton kernels now (--kernels triton): a missing Triton or GPU is an error up
-    front, not at the first routing call."""
+    """Load the Triton kernels now (--kernels triton): a missing Triton or GPU, or a GPU Triton
+    cannot compile for, is an error up front, not at the first routing call."""
     import torch
 
     from emcaps_cli.routing.backend import KernelsUnavailable
-    from emcaps_cli.routing.triton_backend import interpreting
+    from emcaps_cli.routing.triton_backend import gpu_unsupported, interpreting
 
-    if not torch.cuda.is_available() and not interpreting():
+    if torch.cuda.is_available():
+        reason = gpu_unsupported(torch.device("cuda", torch.cuda.current_device()))
+        if reason is not None:
+            raise KernelsUnavailable(reason)
+        return
+    if not interpreting():
         raise KernelsUnavailable("the Triton kernels need a CUDA GPU, and none is here")
     try:
         from emcaps_cli.routing import triton_kernels  # noqa: F401

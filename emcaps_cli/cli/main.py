@@ -4,6 +4,7 @@ entry point `main()`."""
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from emcaps_cli.cli.prepare import prepare
 from emcaps_cli.cli.summary import summary
 from emcaps_cli.cli.synth import synth
 from emcaps_cli.cli.train import train_command
+from emcaps_cli.errors import FallbackWarning
 from emcaps_cli.utils.allocator import huge_pages, keep_freed_memory
 
 
@@ -64,9 +66,27 @@ app.command("attack")(attack)
 COMMANDS = tuple(command.name for command in app.registered_commands)
 
 
+_python_format_warning = warnings.formatwarning
+
+
+def format_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """emcaps' FallbackWarnings as one `warning: ...` line, as errors and notes are; other
+    warnings as Python shows them."""
+    if issubclass(category, FallbackWarning):
+        return f"warning: {str(message).removeprefix('emcaps: ')}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main() -> None:
     # Process settings for faster routing on CPU (emcaps_cli/utils/allocator.py); the commands
     # import torch inside their functions, so it is not imported yet.
     huge_pages()
     keep_freed_memory()
+    warnings.formatwarning = format_warning
     app(prog_name="emcaps")  # also under `python -m emcaps_cli`

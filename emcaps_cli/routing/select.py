@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from emcaps_cli.errors import FallbackWarning
 from emcaps_cli.routing.backend import KernelsUnavailable, RoutingBackend, backend
 from emcaps_cli.routing.c import ffi
 from emcaps_cli.routing.c.backend import C
@@ -54,7 +55,8 @@ def _c_kernels_route(like: torch.Tensor, required: bool) -> bool:
 
 
 def warn_once(topic: str, message: str) -> None:
-    """A UserWarning of `message`, the first time only for `topic` ("c" or "triton")."""
+    """A FallbackWarning (a UserWarning) of `message`, the first time only for `topic` ("c" or
+    "triton")."""
     if topic not in _warned:
         _warned.add(topic)
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, FallbackWarning, stacklevel=4)

@@ -75,6 +75,15 @@ def _problem(chunk: Chunk):
     )
 
 
+# The oldest NVIDIA GPUs the Triton kernels run on, as CUDA compute capability (major, minor):
+# Triton's compiler generates code for Volta (sm_70) and newer only, and PyTorch refuses older
+# GPUs for its own Triton code for the same reason. The kernels ask nothing more of the GPU:
+# float32 arithmetic, reductions and float32 atomic adds; no tl.dot (tensor cores), no bf16.
+MIN_CAPABILITY = (7, 0)
+
+_gpu_reasons: dict[int, str | None] = {}  # `gpu_unsupported`'s answer per GPU index
+
+
 @torch.compiler.disable
 def triton_unavailable(like: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot route tensors like `like`, or None when they can."""
@@ -82,10 +91,49 @@ def triton_unavailable(like: torch.Tensor) -> str | None:
         return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), not {like.device}"
     if like.dtype not in (torch.float32, torch.float64):
         return f"the Triton kernels take float32 or float64, not {like.dtype}"
+    if like.device.type == "cuda":
+        return gpu_unsupported(like.device)
+    return _import_error()
+
+
+def gpu_unsupported(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on the CUDA GPU `device`, or None when they can:
+    a compute capability below MIN_CAPABILITY (NVIDIA only), Triton missing, or Triton's
+    driver failing to start (it builds its launcher with the system C compiler). Asked of each
+    GPU once per process."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _gpu_reasons:
+        _gpu_reasons[index] = _capability_error(index) or _import_error() or _driver_error()
+    return _gpu_reasons[index]
+
+
+def _capability_error(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if torch.version.hip is not None or (major, minor) >= MIN_CAPABILITY:
+        return None  # ROCm's capabilities name AMD architectures, not NVIDIA's
+    need = ".".join(map(str, MIN_CAPABILITY))
+    return (
+        f"{torch.cuda.get_device_name(index)} has CUDA compute capability {major}.{minor}; "
+        f"Triton compiles for {need} and newer"
+    )
+
+
+def _import_error() -> str | None:
     try:
         from emcaps_cli.routing import triton_kernels  # noqa: F401
     except ImportError as err:
         return f"Triton is not importable: {err}"
+    return None
+
+
+def _driver_error() -> str | None:
+    import triton
+
+    try:
+        triton.runtime.driver.active.get_current_target()
+    except Exception as err:  # whatever stops Triton's driver stops its kernels
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"Triton cannot start on this GPU: {first}"
     return None
 
 

@@ -84,6 +84,12 @@ HEALTH_IMAGES = 16  # training images of the fixed diagnostics batch
 # user sized with it bounds evaluation too (no activations kept for a backward), and validation
 # errors stay those of earlier runs. defaults.EVAL_BATCH_SIZE (evaluate, attack) is fixed.
 EVAL_BATCHES_PER_BATCH = 2
+# Steps between reads of the training loss and the finiteness checks from the device. A read
+# waits for the device to finish (a host sync; under torchrun also an all-reduce), so the loop
+# reads after the first step of each stretch of an epoch, then once this many steps are pending,
+# and after an epoch's last step: a non-finite loss or gradient stops the run at most this many
+# steps after the step that made it, and the progress bar's loss is that of the last read step.
+READBACK_STEPS = 50
 
 
 @dataclass
@@ -159,21 +165,31 @@ class _Parts:
 
 
 class _EpochSums:
-    """This process's sums over the steps of an epoch taken since `t0`."""
+    """This process's sums over the steps of an epoch taken since `t0`, kept on the device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.errors = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
-        self.clipped = 0  # steps whose gradient norm exceeded --grad-clip (the same on every rank)
+        # steps whose gradient norm exceeded --grad-clip (the same on every rank)
+        self.clipped = torch.zeros((), dtype=torch.float64, device=device)
         self.margin: float | None = None  # the spread-loss margin of the last step
+        # the steps not yet read back (`_read_back`): (loss, [loss finite, gradient finite])
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.loss: float | None = None  # the loss of the last step read back
         self.t0 = time.perf_counter()
+
+    def read_due(self, step: int, steps: int) -> bool:
+        """Whether the loop reads the pending steps back after step `step` of `steps`."""
+        return self.loss is None or len(self.pending) >= READBACK_STEPS or step >= steps
 
     def merged(self, partial: dict[str, float], ctx: ProcessGroup) -> dict[str, float]:
         """`partial` plus these sums, all-reduced over ranks."""
-        counts = torch.tensor([float(self.count), float(self.clipped)], device=self.device)
-        sums = ctx.sum_(torch.cat([self.loss_sum[None], self.errors[None], counts.double()]))
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        sums = ctx.sum_(
+            torch.cat([self.loss_sum[None], self.errors[None], count, self.clipped[None]])
+        )
         sums = sums.tolist()
         return {
             "loss_sum": partial["loss_sum"] + sums[0],
@@ -198,8 +214,9 @@ def train(
 
     With `resume`, continue `config.out`/last.pt exactly (its train_config must match `config`
     apart from RESUMABLE options; `resume_config` builds such a config). Raises EmcapsError on
-    bad input or a non-finite loss (the weights are not updated and last.pt keeps the last good
-    epoch) and TrainingInterrupted after saving last.pt on Ctrl-C / SIGTERM.
+    bad input or a non-finite loss or gradient (at most READBACK_STEPS steps after it; nothing
+    trained since is saved, so last.pt keeps the last good epoch) and TrainingInterrupted after
+    saving last.pt on Ctrl-C / SIGTERM.
 
     `build_model` (ModelConfig -> network), `get_loss` (loss name -> loss function) and
     `train_batch` (as `data.transforms.train_batch`) are the library's unless given.
@@ -385,48 +402,81 @@ def train_one_epoch(run: _Run, stop: StopRequest) -> tuple[float, _EpochSums]:
     sums = _EpochSums(device)
     run.train_model.train()
     while p.step_in_epoch < steps:
-        if ctx.any(stop.signum is not None, device):
+        if _stop_requested(run, stop, sums):
             _save_interrupted(run, sums, stop.signum or signal.SIGTERM)
         if device.type == "cpu":
             keep_fair()  # threads sized to the CPUs other processes leave free
         start = p.step_in_epoch * config.batch_size
-        loss_value = _train_step(run, shard[start : start + config.batch_size], lr, sums)
+        _train_step(run, shard[start : start + config.batch_size], sums)
+        if sums.read_due(p.step_in_epoch, steps):
+            _read_back(run, sums)
         elapsed = time.perf_counter() - sums.t0
-        run.reporter.step(p.step_in_epoch, loss_value, sums.count * ctx.world / max(elapsed, 1e-9))
+        ips = sums.count * ctx.world / max(elapsed, 1e-9)
+        run.reporter.step(p.step_in_epoch, sums.loss if sums.loss is not None else math.nan, ips)
     p.partial = sums.merged(p.partial, ctx)
     return lr, sums
 
 
-def _train_step(run: _Run, idx: torch.Tensor, lr: float, sums: _EpochSums) -> float:
-    """One optimiser step on the training rows `idx`; returns the batch loss."""
-    p, ctx, device = run.progress, run.ctx, run.device
+def _stop_requested(run: _Run, stop: StopRequest, sums: _EpochSums) -> bool:
+    """Whether any rank has been asked to stop. Under torchrun on CUDA the ranks agree on it only
+    when no step is pending a read (the all-reduce would wait for the device), every
+    READBACK_STEPS steps; on the CPU and in one process at every step."""
+    if run.ctx.world > 1 and run.device.type == "cuda" and sums.pending:
+        return False
+    return run.ctx.any(stop.signum is not None, run.device)
+
+
+def _train_step(run: _Run, idx: torch.Tensor, sums: _EpochSums) -> None:
+    """One optimiser step on the training rows `idx`. Its loss, errors and whether its loss and
+    gradient were finite stay on the device, added to `sums` (read by `_read_back`)."""
+    p = run.progress
     sums.margin = margin = run.schedule.margin(p.global_step)
     images = _training_images(run, idx)
     target = run.data.train.labels[idx]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.config.amp):
         scores = run.train_model(images)  # (n, 5)
     loss = run.loss_fn(scores.float(), target, margin)
-    loss_value = loss.item()
-    if ctx.any(not math.isfinite(loss_value), device):
-        raise EmcapsError(_nonfinite_message(run, loss_value, lr))
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # Gradients are identical on every rank after DDP's all-reduce.
     grads = [q.grad for q in run.model.parameters() if q.grad is not None]
-    if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-        raise EmcapsError(_nonfinite_message(run, math.nan, lr, "gradient"))
+    finite_grads = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    value = loss.detach().double()
+    sums.pending.append((value, torch.stack([torch.isfinite(value), finite_grads])))
     if run.config.grad_clip > 0:
         sums.clipped += clip_gradient(run.model.parameters(), run.config.grad_clip)
+    # A non-finite gradient reaches these weights before `_read_back` sees it; nothing trained
+    # after it is saved (`_read_back` runs before every checkpoint and raises).
     run.optimizer.step()
     p.step_in_epoch += 1
     p.global_step += 1
     if run.average is not None:
         run.average.update(run.model, p.global_step)
     n = len(idx)
-    sums.loss_sum += loss.detach().double() * n
+    sums.loss_sum += value * n
     sums.errors += (scores.detach().argmax(dim=1) != target).sum()
     sums.count += n
-    return loss_value
+
+
+def _read_back(run: _Run, sums: _EpochSums) -> None:
+    """Read the pending steps' losses and finiteness from the device (one host sync; under
+    torchrun one all-reduce, so that every rank stops at once) and keep the last loss for the
+    progress bar. Raises EmcapsError naming the first step whose loss (on any rank) or
+    gradient was not finite."""
+    if not sums.pending:
+        return
+    losses = torch.stack([loss for loss, _ in sums.pending])
+    bad = run.ctx.sum_(torch.stack([~finite for _, finite in sums.pending]).double())
+    rows = torch.cat([losses[:, None], bad], dim=1).tolist()  # [loss, loss bad, gradient bad]
+    first = run.progress.step_in_epoch - len(rows) + 1  # the first pending step, from 1
+    sums.pending.clear()
+    for step, (loss, loss_bad, gradient_bad) in enumerate(rows, start=first):
+        if loss_bad:
+            value = loss if not math.isfinite(loss) else math.nan  # another rank's loss
+            raise EmcapsError(_nonfinite_message(run, value, step))
+        if gradient_bad:
+            raise EmcapsError(_nonfinite_message(run, math.nan, step, "gradient"))
+    sums.loss = rows[-1][0]
 
 
 def set_likelihood_power(model: torch.nn.Module, power: float) -> None:
@@ -453,7 +503,9 @@ def _training_images(run: _Run, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _save_interrupted(run: _Run, sums: _EpochSums, signum: int) -> None:
-    """Save the state after the last completed step to last.pt and raise TrainingInterrupted."""
+    """Save the state after the last completed step to last.pt and raise TrainingInterrupted
+    (or EmcapsError when a step since the last read was not finite)."""
+    _read_back(run, sums)
     run.progress.partial = sums.merged(run.progress.partial, run.ctx)
     checkpoint = run.payload()
     if run.ctx.main:
@@ -568,11 +620,13 @@ def _result(run: _Run, stopped: str) -> TrainResult:
     )
 
 
-def _nonfinite_message(run: _Run, value: float, lr: float, what: str = "loss") -> str:
+def _nonfinite_message(run: _Run, value: float, step: int, what: str = "loss") -> str:
+    """The error for a non-finite `what` at step `step` (from 1) of the current epoch."""
     p, last = run.progress, run.run_dir / LAST
+    lr = run.schedule.learning_rate(p.epoch)
     kept = f"{last} keeps the last good epoch" if last.exists() else "no checkpoint was written"
     return (
-        f"non-finite training {what} ({value}) at epoch {p.epoch + 1}, step "
-        f"{p.step_in_epoch + 1} (lr {lr:g}); stopped without updating the weights; {kept}. "
+        f"non-finite training {what} ({value}) at epoch {p.epoch + 1}, step {step} "
+        f"(lr {lr:g}); stopped without saving the weights trained since; {kept}. "
         "Try a smaller --lr"
     )
