@@ -112,10 +112,12 @@ def test_split_indices_are_reproducible_disjoint_and_familiar() -> None:
 
 def test_loss_falls_over_a_few_steps(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "c.h5", n_train=200, n_test=20)
-    steps = StepLosses()
-    train_tiny(cnn_config(cache, tmp_path / "run", epochs=2, lr=1e-2), reporter=steps)
+    steps, calls = StepLosses(), []
+    config = cnn_config(cache, tmp_path / "run", epochs=2, lr=1e-2)
+    train_tiny(config, reporter=steps, get_loss=losses_that_record(calls))
     assert len(steps.losses) == 18  # 180 training images (10% held out), batches of 20
-    assert np.mean(steps.losses[-4:]) < np.mean(steps.losses[:4]) - 0.1
+    losses = [loss for loss, _ in calls]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
 
 
 @pytest.mark.slow
