@@ -474,10 +474,14 @@ def speed_reports(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def speed_table(reports: list[dict[str, Any]]) -> list[str]:
+    """One row per configuration; reports with a "label" (a variant of the code, say "before"
+    and "after") keep their runs apart, labelled in the config column, in the labels' order."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
+    labels = list(dict.fromkeys(str(sub.get("label", "")) for sub in reports))
     for sub in reports:
+        rank = str(labels.index(str(sub.get("label", ""))))
         for run in sub["runs"]:
-            key = tuple(str(run.get(k, "")) for k in SPEED_KEY)
+            key = (*(str(run.get(k, "")) for k in SPEED_KEY), rank)
             groups.setdefault(key, []).append(run)
 
     def order(key: tuple) -> tuple:
@@ -488,10 +492,12 @@ def speed_table(reports: list[dict[str, Any]]) -> list[str]:
     for key in sorted(groups, key=order):
         runs = groups[key]
         ok = [r for r in runs if "error" not in r and r.get("images_per_s") is not None]
-        model, mode, impl, batch, routing, precision, compiled = key
+        model, mode, impl, batch, routing, precision, compiled, rank = key
         config = ", ".join(v for v in (routing, precision) if v)
         if compiled not in ("", "off"):
             config += ", compiled"
+        if labels[int(rank)]:
+            config = f"{labels[int(rank)]}: {config}"
         memory = [r["peak_memory_mb"] for r in ok if r.get("peak_memory_mb") is not None]
         peak = NONE if not memory else f"{min(memory):.0f}–{max(memory):.0f}"
         if memory and f"{min(memory):.0f}" == f"{max(memory):.0f}":

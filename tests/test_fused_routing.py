@@ -1,6 +1,9 @@
 """The memory-lean fused votes + routing function equals plain autograd through Procedure 1."""
 
+import ctypes
 import dataclasses
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from emcaps_cli.capsules.geometry import conv_child_map
 from emcaps_cli.routing import active_backend_name
 from emcaps_cli.routing import backend as routing_backend
 from emcaps_cli.routing.backend import KernelsUnavailable
-from emcaps_cli.routing.c import ffi
+from emcaps_cli.routing.c import build, ffi
 from emcaps_cli.routing.fused import RoutingSpec, plain_route, route
 
 D = torch.float64
@@ -296,3 +299,79 @@ def test_fused_equals_plain_autograd_for_other_iteration_counts(kernels, iters):
     inputs, vote_offset, spec = problem("matrix", True, True)
     spec = RoutingSpec(iters, 0.5, spec.child_map, spec.rows, spec.row_len)
     assert_route_equals_plain(inputs, spec, vote_offset, lambda p, a: (p * p).sum() + a.sum())
+
+
+def _isa_skip_reason(arch: str) -> str | None:
+    """Why the kernels built for -march=`arch` cannot run here (None when they can)."""
+    if arch == "native":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"-march={arch} is an x86-64 ISA; this machine is {platform.machine()}"
+    try:
+        missing = build.missing_cpu_flags(arch)
+    except KernelsUnavailable as err:
+        return str(err)
+    return f"this CPU lacks {' '.join(missing)} for -march={arch}" if missing else None
+
+
+@pytest.fixture(scope="module")
+def library_with_64_byte_parts(tmp_path_factory):
+    """The kernels compiled with the AVX-512 layout of a vote (-DVBYTES=64), for this CPU."""
+    target = tmp_path_factory.mktemp("kernels") / "kernels_64_byte_parts.so"
+    cmd = [build.compiler(), *build.flags("native"), "-DVBYTES=64", "-o", target, build.SOURCE]
+    subprocess.run(cmd, check=True)
+    return ctypes.CDLL(str(target))
+
+
+@pytest.fixture(params=["native", "x86-64", "x86-64-v3", "x86-64-v4", "native-64-byte-parts"])
+def isa_build(request, monkeypatch):
+    """The C kernels built for one ISA ($EMCAPS_KERNEL_ARCH), routing through them; skipped
+    where this CPU cannot run that build. x86-64 (SSE2) takes the narrowest parts (16 bytes, as
+    NEON), x86-64-v3 the AVX2 ones, x86-64-v4 the AVX-512 ones; native-64-byte-parts is the
+    AVX-512 parts' code (-DVBYTES=64) on whatever this CPU is."""
+    arch = request.param
+    try:
+        ffi.library()
+    except KernelsUnavailable as err:
+        pytest.skip(str(err))
+    reason = _isa_skip_reason(arch.removesuffix("-64-byte-parts"))
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv(build.ARCH_VARIABLE, arch.removesuffix("-64-byte-parts"))
+    monkeypatch.setattr(build, "_library", None)  # restored after the test: the default build
+    monkeypatch.setattr(build, "_failure", None)
+    if arch.endswith("-64-byte-parts"):
+        library = request.getfixturevalue("library_with_64_byte_parts")
+        monkeypatch.setattr(build, "_library", library)
+    before = routing_backend.backend()
+    routing_backend.set_backend("c")
+    yield arch
+    routing_backend.set_backend(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pose", ["matrix", "vector"])
+def test_each_isa_build_equals_plain_autograd(isa_build, dtype, pose):
+    """Outputs and every gradient (poses, W, activations, β_u, β_a, offset) of the C kernels
+    built for each ISA this CPU runs, against plain autograd in float64: to float64 rounding,
+    and to float32 rounding in float32 (where the kernels' own exp runs). 18 slots: one block
+    of 16 through the vectorised paths, 2 through their remainders."""
+    inputs, offset, spec = problem(pose, True, True, images=2)
+    exact = [t.clone().requires_grad_(True) for t in (*inputs, offset)]
+    ours = [t.to(dtype).requires_grad_(True) for t in (*inputs, offset)]
+    loss = random_weighted_loss(inputs, 6)
+    p1, a1 = route(*ours[:5], spec, ours[5])
+    assert build.library() is ffi.library() and active_backend_name() == "c"
+    p2, a2 = plain_route(*exact[:5], spec, exact[5])
+    # errors seen: about 1e-14 in float64, 4e-6 in float32 (relative to each tensor's largest)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(p1.double(), p2, **tol)
+    torch.testing.assert_close(a1.double(), a2, **tol)
+    loss(p1.double(), a1.double()).backward()
+    loss(p2, a2).backward()
+    names = ("poses", "W", "a", "beta_u", "beta_a", "offset")
+    for name, x, y in zip(names, ours, exact, strict=True):
+        scale = y.grad.abs().max().item()
+        torch.testing.assert_close(
+            x.grad.double() / scale, y.grad / scale, **tol, msg=lambda m, n=name: f"{n}: {m}"
+        )

@@ -207,6 +207,25 @@ def test_a_bench_model_report_renders_one_row_per_configuration(tmp_path):
     assert text.index("| fused | 8 |") < text.index("| fused | 16 |")  # batches numerically
 
 
+def test_labelled_speed_reports_keep_their_runs_apart(tmp_path):
+    """Reports of two variants of the code ("label") give a row each, in the labels' order."""
+    config = {"model": "paper", "mode": "train", "impl": "fused", "batch": 32}
+    config |= {"routing": "exact", "precision": "fp32", "compile": "off"}
+
+    def sub(label: str, speed: float) -> dict:
+        return {"label": label, "runs": [{**config, "images_per_s": speed, "peak_memory_mb": 1}]}
+
+    reports = [sub("before", 10.0), sub("after", 30.0), sub("before", 12.0), sub("after", 32.0)]
+    write(tmp_path / "results" / "speed.json", {"kind": "speed", "reports": reports})
+    out = tmp_path / "results.md"
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(out)]) == 0
+    text = out.read_text()
+    before = table_row(text, "paper | train | fused | 32 | before: exact, fp32")
+    after = table_row(text, "paper | train | fused | 32 | after: exact, fp32")
+    assert before[5:7] == ["2", "11.0 ± 1.4"] and after[5:7] == ["2", "31.0 ± 1.4"]
+    assert text.index("before: exact") < text.index("after: exact")
+
+
 def test_an_unknown_file_is_an_error_naming_it(tmp_path, capsys):
     write(tmp_path / "results" / "odd.json", {"rows": []})
     out = tmp_path / "results.md"

@@ -166,7 +166,8 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Bar]:
 
 KERNELS_HELP = (
     "Routing kernels: auto (Triton kernels on CUDA; on the CPU the C kernels, built once with "
-    "the system C compiler; PyTorch ops with a warning when either is unavailable), triton "
+    "the system C compiler for -march=$EMCAPS_KERNEL_ARCH, default native; PyTorch ops with a "
+    "warning when either is unavailable), triton "
     "(Triton kernels or an error), c (C kernels on the CPU or an error), torch (PyTorch ops "
     "only). Default: $EMCAPS_KERNELS, else auto."
 )

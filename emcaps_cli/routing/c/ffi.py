@@ -29,7 +29,6 @@ from emcaps_cli.routing.c import build
 _i64, _f64, _ptr_t = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 _ptr_array = ctypes.POINTER(ctypes.c_void_p)
 _local = threading.local()  # per-thread vote workspace (see _workspace)
-_declared: set[int] = set()  # ids of the libraries whose argtypes are set
 
 
 class Problem(ctypes.Structure):
@@ -92,9 +91,10 @@ STRUCTS = (Problem, Inputs, ForwardBuffers, BackwardBuffers)  # emcaps_layout's 
 def library() -> ctypes.CDLL:
     """The compiled kernels with their signatures declared; raises KernelsUnavailable."""
     lib = build.library()
-    if id(lib) not in _declared:
+    # marked on the object itself: an id() of a freed library can come back for a new one
+    if not getattr(lib, "_emcaps_declared", False):
         _declare(lib)
-        _declared.add(id(lib))
+        lib._emcaps_declared = True
     return lib
 
 

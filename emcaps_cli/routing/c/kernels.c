@@ -83,41 +83,73 @@ typedef struct {
     void *grad_poses, *grad_w_threads, *grad_off_threads, *gp_threads;
 } emcaps_backward_buffers;
 
-/* Lane shuffles with constant indices: of one vector, and of two (16-31 pick from b). */
+/* The hardware's vector in bytes: 64 with AVX-512, 32 with AVX, 16 otherwise (SSE, NEON). A
+ * 16-entry vote is NP parts of PW lanes each (per element type, below), so that every value
+ * lives in registers: GCC keeps a vector wider than the hardware's in memory, broadcasts a
+ * scalar into it through memory and shuffles it lane by lane. */
+#ifndef VBYTES /* -DVBYTES=64 compiles the AVX-512 layout for any target (tests) */
+#if defined(__AVX512F__)
+#define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Lane shuffles of a part with constant indices: of one part, and of two (PW and up pick
+ * from b). */
 #ifdef __clang__
 #define SHUFFLE1(a, ...) __builtin_shufflevector(a, a, __VA_ARGS__)
 #define SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define SHUFFLE1(a, ...) __builtin_shuffle(a, (IVEC){__VA_ARGS__})
-#define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, (IVEC){__VA_ARGS__})
+#define SHUFFLE1(a, ...) __builtin_shuffle(a, (PIVEC){__VA_ARGS__})
+#define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, (PIVEC){__VA_ARGS__})
 #endif
-/* For 4x4 matrices stored row-major as 16 lanes (lane 4·row + column):
- * ROW_SPREAD(r): lane (k, c) <- entry (r, k);  COLUMN(c): lane (r, k) <- entry (r, c);
- * ROW_TILE(r): lane (k, c) <- entry (r, c). */
-#define ROW_SPREAD(r) 4 * r, 4 * r, 4 * r, 4 * r, 4 * r + 1, 4 * r + 1, 4 * r + 1, 4 * r + 1, \
-                      4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 3
-#define COLUMN(c) c, c, c, c, 4 + c, 4 + c, 4 + c, 4 + c, 8 + c, 8 + c, 8 + c, 8 + c, 12 + c, 12 + c, 12 + c, 12 + c
-#define ROW_TILE(r) 4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3, 4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3, \
-                    4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3, 4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3
+/* f(j, args) for the lanes j of a part of 2, 4, 8 or 16 lanes. */
+#define LANES2(f, ...) f(0, __VA_ARGS__), f(1, __VA_ARGS__)
+#define LANES4(f, ...) LANES2(f, __VA_ARGS__), f(2, __VA_ARGS__), f(3, __VA_ARGS__)
+#define LANES8(f, ...) LANES4(f, __VA_ARGS__), f(4, __VA_ARGS__), f(5, __VA_ARGS__), \
+                       f(6, __VA_ARGS__), f(7, __VA_ARGS__)
+#define LANES16(f, ...) LANES8(f, __VA_ARGS__), f(8, __VA_ARGS__), f(9, __VA_ARGS__), \
+                        f(10, __VA_ARGS__), f(11, __VA_ARGS__), f(12, __VA_ARGS__), \
+                        f(13, __VA_ARGS__), f(14, __VA_ARGS__), f(15, __VA_ARGS__)
+/* Pairwise half-sums of two parts a, b at block size m (hsum16): lane o of block k = o / 2m,
+ * r = o % 2m takes lane 2mk + r of a (r < m) or 2mk + r − m of b, plus the lane m further on. */
+#define TREE_LO(o, m) ((o) % (2 * (m)) < (m) ? (o) / (2 * (m)) * 2 * (m) + (o) % (2 * (m)) \
+                                             : PW + (o) / (2 * (m)) * 2 * (m) + (o) % (2 * (m)) - (m))
+#define TREE_HI(o, m) (TREE_LO(o, m) + (m))
+/* For 4x4 matrices stored row-major as 16 lanes (lane 4·row + column), lane j of part i
+ * (PW >= 4: a part holds whole rows): COLUMN(c): lane (r, k) <- entry (r, c);
+ * ROW_TILE(r): lane (k, c) <- entry (r, c); ROW_SPREAD(r): lane (k, c) <- entry (r, k). */
+#define COLUMN_LANE(j, c) ((j) / 4 * 4 + (c))
+#define TILE_LANE(j, r) ((4 * (r)) % PW + (j) % 4)
+#define SPREAD_LANE(j, r, i) ((4 * (r)) % PW + ((i) * PW + (j)) / 4)
 
 #define REAL float
 #define IREAL int32_t
 #define REAL_IS_FLOAT 1
+#define PW (VBYTES / 4)
 #define NAME(x) x##_f32
 #include __FILE__
 #undef REAL
 #undef IREAL
 #undef REAL_IS_FLOAT
+#undef PW
 #undef NAME
 
 #define REAL double
 #define IREAL int64_t
 #define REAL_IS_FLOAT 0
+#define PW (VBYTES / 8)
 #define NAME(x) x##_f64
 #include __FILE__
 #undef REAL
 #undef IREAL
 #undef REAL_IS_FLOAT
+#undef PW
 #undef NAME
 
 int64_t emcaps_abi_version(void) { return EMCAPS_ABI_VERSION; }
@@ -177,63 +209,195 @@ int64_t emcaps_layout(int64_t which, int64_t *out)
 
 #else
 
-/* 16 entries of a pose, vote or vote gradient as one vector (GCC/Clang vector extension: one
- * AVX-512 register for float, two AVX2 registers or four NEON registers otherwise). */
-typedef REAL NAME(vec) __attribute__((vector_size(H * sizeof(REAL))));
-typedef IREAL NAME(ivec) __attribute__((vector_size(H * sizeof(IREAL))));
-#define VEC NAME(vec)
-#define IVEC NAME(ivec)
+/* A part: one hardware vector of PW lanes (GCC/Clang vector extension), and its lane mask. */
+#define NP (H / PW)
+typedef REAL NAME(pvec) __attribute__((vector_size(VBYTES)));
+typedef IREAL NAME(pivec) __attribute__((vector_size(VBYTES)));
+#define PVEC NAME(pvec)
+#define PIVEC NAME(pivec)
+#if PW == 16
+#define LANES LANES16
+#elif PW == 8
+#define LANES LANES8
+#elif PW == 4
+#define LANES LANES4
+#else
+#define LANES LANES2
+#endif
+/* M(i, args) for every part i. */
+#if NP == 1
+#define EACH_PART(M, ...) M(0, __VA_ARGS__)
+#elif NP == 2
+#define EACH_PART(M, ...) M(0, __VA_ARGS__) M(1, __VA_ARGS__)
+#elif NP == 4
+#define EACH_PART(M, ...) M(0, __VA_ARGS__) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__)
+#else
+#define EACH_PART(M, ...) M(0, __VA_ARGS__) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) \
+                          M(4, __VA_ARGS__) M(5, __VA_ARGS__) M(6, __VA_ARGS__) M(7, __VA_ARGS__)
+#endif
 
-static inline VEC NAME(load)(const REAL *p)
+/* 16 entries of a pose, vote or vote gradient: NP parts (one AVX-512 register in float32, two
+ * AVX2 registers in float32 or four in float64, ...), lane by lane arithmetic below. */
+typedef struct {
+    PVEC p[NP];
+} NAME(vec);
+#define VEC NAME(vec)
+
+INLINE VEC NAME(load)(const REAL *p)
 {
     VEC v;
-    memcpy(&v, p, sizeof v);
+    for (int i = 0; i < NP; ++i)
+        memcpy(&v.p[i], p + i * PW, sizeof v.p[i]);
     return v;
 }
 
-static inline void NAME(store)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
-
-static inline REAL NAME(hsum)(VEC v)
+INLINE void NAME(store)(REAL *p, VEC v)
 {
-    REAL t[H];
-    memcpy(t, &v, sizeof t);
-    for (int h = 0; h < 8; ++h)
-        t[h] += t[h + 8];
-    for (int h = 0; h < 4; ++h)
-        t[h] += t[h + 4];
-    return (t[0] + t[2]) + (t[1] + t[3]);
+    for (int i = 0; i < NP; ++i)
+        memcpy(p + i * PW, &v.p[i], sizeof v.p[i]);
 }
 
-/* The 16 lane sums of 16 vectors, as one vector: lane i of the result is the sum of t[i].
- * A tree of pairwise half-sums (4 levels, 15 adds in all); fed in bit-reversed order, the sums
- * come out in order. */
+INLINE VEC NAME(vzero)(void)
+{
+    VEC v;
+    for (int i = 0; i < NP; ++i)
+        v.p[i] = (PVEC){0};
+    return v;
+}
+
+INLINE VEC NAME(vadd)(VEC a, VEC b)
+{
+    for (int i = 0; i < NP; ++i)
+        a.p[i] += b.p[i];
+    return a;
+}
+
+INLINE VEC NAME(vsub)(VEC a, VEC b)
+{
+    for (int i = 0; i < NP; ++i)
+        a.p[i] -= b.p[i];
+    return a;
+}
+
+INLINE VEC NAME(vmul)(VEC a, VEC b)
+{
+    for (int i = 0; i < NP; ++i)
+        a.p[i] *= b.p[i];
+    return a;
+}
+
+/* a·b + c, and s·a + c for a scalar s (each one FMA per part where the target has FMA) */
+INLINE VEC NAME(vfma)(VEC a, VEC b, VEC c)
+{
+    for (int i = 0; i < NP; ++i)
+        c.p[i] = a.p[i] * b.p[i] + c.p[i];
+    return c;
+}
+
+INLINE VEC NAME(vsfma)(REAL s, VEC a, VEC c)
+{
+    for (int i = 0; i < NP; ++i)
+        c.p[i] = s * a.p[i] + c.p[i];
+    return c;
+}
+
+/* s·a */
+INLINE VEC NAME(vscale)(REAL s, VEC a)
+{
+    for (int i = 0; i < NP; ++i)
+        a.p[i] = s * a.p[i];
+    return a;
+}
+
+/* The parts of v added lane by lane, halving: lane j holds the sum of lanes j, j + PW, ...
+ * (the first levels of the 16-lane halving tree, whatever the part width). */
+INLINE PVEC NAME(fold)(VEC v)
+{
+    for (int n = NP; n > 1; n /= 2)
+        for (int i = 0; i < n / 2; ++i)
+            v.p[i] += v.p[i + n / 2];
+    return v.p[0];
+}
+
+/* Σ of the 16 lanes: halving (lane h plus lane h + 8, then + 4, + 2, + 1). */
+#define ROTATE_LANE(j, m) (((j) + (m)) % PW)
+static inline REAL NAME(hsum)(VEC v)
+{
+    PVEC f = NAME(fold)(v);
+#if PW >= 16
+    f += SHUFFLE1(f, LANES(ROTATE_LANE, 8));
+#endif
+#if PW >= 8
+    f += SHUFFLE1(f, LANES(ROTATE_LANE, 4));
+#endif
+#if PW >= 4
+    f += SHUFFLE1(f, LANES(ROTATE_LANE, 2));
+#endif
+    f += SHUFFLE1(f, LANES(ROTATE_LANE, 1));
+    return f[0];
+}
+
+/* One level of hsum16's tree over x[0 .. 2m): x[i] <- pairwise half-sums of x[2i], x[2i + 1]. */
+#define TREE_LEVEL(x, m)                                                                    \
+    for (int i = 0; i < (m); ++i)                                                           \
+        x[i] = SHUFFLE2(x[2 * i], x[2 * i + 1], LANES(TREE_LO, m)) +                         \
+               SHUFFLE2(x[2 * i], x[2 * i + 1], LANES(TREE_HI, m));
+
+/* The 16 lane sums of 16 vectors, as one vector: lane i of the result is the sum of t[i], by
+ * the same halving tree as hsum. Each group of PW vectors, folded to one part each, gives one
+ * part of the result through log2(PW) levels of pairwise half-sums; fed in bit-reversed
+ * order, the sums come out in order. */
 static inline VEC NAME(hsum16)(const VEC *t)
 {
     static const int rev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-    VEC u[8], w[4], y[2];
-    for (int i = 0; i < 8; ++i) {
-        const VEC a = t[rev[2 * i]], b = t[rev[2 * i + 1]];
-        u[i] = SHUFFLE2(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               SHUFFLE2(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    VEC out;
+    for (int g = 0; g < NP; ++g) {
+        PVEC x[PW];
+        for (int i = 0; i < PW; ++i)
+            x[i] = NAME(fold)(t[g * PW + rev[i] / NP]);
+#if PW >= 16
+        TREE_LEVEL(x, 8)
+#endif
+#if PW >= 8
+        TREE_LEVEL(x, 4)
+#endif
+#if PW >= 4
+        TREE_LEVEL(x, 2)
+#endif
+        TREE_LEVEL(x, 1)
+        out.p[g] = x[0];
     }
-    for (int i = 0; i < 4; ++i) {
-        const VEC a = u[2 * i], b = u[2 * i + 1];
-        w[i] = SHUFFLE2(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-               SHUFFLE2(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    }
-    for (int i = 0; i < 2; ++i) {
-        const VEC a = w[2 * i], b = w[2 * i + 1];
-        y[i] = SHUFFLE2(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-               SHUFFLE2(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    }
-    return SHUFFLE2(y[0], y[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-           SHUFFLE2(y[0], y[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    return out;
 }
 
-/* pk[k][h] = pose[(h / Q) * Q + k] for k < Q: the pose entries each vote entry multiplies. */
-static inline __attribute__((always_inline)) void NAME(spread_pose)(const REAL *pose, VEC *pk,
-                                                                    const int Q)
+/* pk[k][h] = pose[(h / Q) * Q + k] for k < Q: the pose entries each vote entry multiplies.
+ * Q = 4: pose column k spread over its row (one in-part shuffle per part); Q = 16: pose[k] in
+ * every lane (a broadcast). */
+#define COLUMN_OF(x, i, c) SHUFFLE1((x).p[i], LANES(COLUMN_LANE, c))
+#define SAME_LANE(j, x) (x)
+INLINE void NAME(spread_pose)(const REAL *pose, VEC *pk, const int Q)
 {
+#if PW >= 4
+    if (Q == 4) {
+        const VEC p = NAME(load)(pose);
+#define SPREAD_PART(i, unused)                                                                \
+    pk[0].p[i] = COLUMN_OF(p, i, 0);                                                          \
+    pk[1].p[i] = COLUMN_OF(p, i, 1);                                                          \
+    pk[2].p[i] = COLUMN_OF(p, i, 2);                                                          \
+    pk[3].p[i] = COLUMN_OF(p, i, 3);
+        EACH_PART(SPREAD_PART, 0)
+#undef SPREAD_PART
+        return;
+    }
+#endif
+    if (Q == H) {
+        for (int k = 0; k < H; ++k) {
+            const PVEC x = (PVEC){LANES(SAME_LANE, pose[k])};
+            for (int i = 0; i < NP; ++i)
+                pk[k].p[i] = x;
+        }
+        return;
+    }
     for (int k = 0; k < Q; ++k) {
         REAL t[H];
         for (int h = 0; h < H; ++h)
@@ -251,7 +415,7 @@ static inline __attribute__((always_inline)) void NAME(votes_group)(
     memset(shift + g0 * J * H, 0, sizeof(REAL) * (g1 - g0) * J * H);
     for (int64_t s = 0; s < S; ++s) {
         const REAL *ts = tiled + s * J * Q * H;
-        const VEC off = offset ? NAME(load)(offset + s * H) : (VEC){0};
+        const VEC off = offset ? NAME(load)(offset + s * H) : NAME(vzero)();
         for (int64_t b = g0; b < g1; ++b) {
             VEC pk[H];
             NAME(spread_pose)(poses + (b * S + s) * H, pk, Q);
@@ -259,15 +423,15 @@ static inline __attribute__((always_inline)) void NAME(votes_group)(
             for (int64_t j = 0; j < J; ++j) {
                 VEC acc = off;
                 for (int k = 0; k < Q; ++k)
-                    acc += pk[k] * NAME(load)(ts + (j * Q + k) * H);
+                    acc = NAME(vfma)(pk[k], NAME(load)(ts + (j * Q + k) * H), acc);
                 NAME(store)(votes + ((b * J + j) * S + s) * H, acc);
-                NAME(store)(c + j * H, NAME(load)(c + j * H) + acc);
+                NAME(store)(c + j * H, NAME(vadd)(NAME(load)(c + j * H), acc));
             }
         }
     }
     const REAL inv = (REAL)1 / (REAL)S;
     for (int64_t i = g0 * J; i < g1 * J; ++i)
-        NAME(store)(shift + i * H, NAME(load)(shift + i * H) * inv);
+        NAME(store)(shift + i * H, NAME(vscale)(inv, NAME(load)(shift + i * H)));
 }
 
 /* Votes of blocks [b0, b1) and their mean, shared out over the threads of the enclosing
@@ -338,14 +502,14 @@ static inline int64_t NAME(row_forms16)(const REAL *v, VEC c, VEC l, VEC q, int6
     if (n == 16) {
         VEC tt[16];
         for (int i = 0; i < 16; ++i) {
-            const VEC x = NAME(load)(v + (s + i) * H) - c;
-            tt[i] = x * (l + q * x);
+            const VEC x = NAME(vsub)(NAME(load)(v + (s + i) * H), c);
+            tt[i] = NAME(vmul)(x, NAME(vfma)(q, x, l));
         }
         NAME(store)(form, NAME(hsum16)(tt));
     } else {
         for (int64_t i = 0; i < n; ++i) {
-            const VEC x = NAME(load)(v + (s + i) * H) - c;
-            form[i] = NAME(hsum)(x * (l + q * x));
+            const VEC x = NAME(vsub)(NAME(load)(v + (s + i) * H), c);
+            form[i] = NAME(hsum)(NAME(vmul)(x, NAME(vfma)(q, x, l)));
         }
     }
     return n;
@@ -373,32 +537,41 @@ static inline void NAME(m_finish)(REAL A, const REAL *s1, const REAL *s2, double
  * 1.0 ulp of exp on [-87.3, 88.3] (measured, tests/test_cpu_kernels.py), 0 below -87.34 where
  * libm returns subnormals, NaN stays NaN; the routing only takes exp of arguments <= 0.
  * double: libm, lane by lane. */
-static inline VEC NAME(vexp)(VEC x)
-{
 #if REAL_IS_FLOAT
-    const VEC in = x;
-    const IVEC hi = x > 88.3762626647949f, lo = x < -87.3365447504019f; /* lanes -1 or 0 */
-    const VEC top = (VEC){0} + 88.3762626647949f, bottom = (VEC){0} - 87.3365447504019f;
-    x = (VEC)(((IVEC)x & ~hi) | ((IVEC)top & hi));
-    x = (VEC)(((IVEC)x & ~lo) | ((IVEC)bottom & lo));
-    VEC fx = x * 1.44269504088896341f + 0.5f;
-    IVEC n = __builtin_convertvector(fx, IVEC);
-    n += __builtin_convertvector(n, VEC) > fx; /* floor: truncation went up for fx < 0 */
-    const VEC nf = __builtin_convertvector(n, VEC);
+INLINE PVEC NAME(vexp_part)(PVEC x)
+{
+    const PVEC in = x;
+    const PIVEC hi = x > 88.3762626647949f, lo = x < -87.3365447504019f; /* lanes -1 or 0 */
+    const PVEC top = (PVEC){0} + 88.3762626647949f, bottom = (PVEC){0} - 87.3365447504019f;
+    x = (PVEC)(((PIVEC)x & ~hi) | ((PIVEC)top & hi));
+    x = (PVEC)(((PIVEC)x & ~lo) | ((PIVEC)bottom & lo));
+    PVEC fx = x * 1.44269504088896341f + 0.5f;
+    PIVEC n = __builtin_convertvector(fx, PIVEC);
+    n += __builtin_convertvector(n, PVEC) > fx; /* floor: truncation went up for fx < 0 */
+    const PVEC nf = __builtin_convertvector(n, PVEC);
     x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    const VEC z = x * x;
-    VEC y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+    const PVEC z = x * x;
+    PVEC y = 1.9875691500e-4f * x + 1.3981999507e-3f;
     y = y * x + 8.3334519073e-3f;
     y = y * x + 4.1665795894e-2f;
     y = y * x + 1.6666665459e-1f;
     y = y * x + 5.0000001201e-1f;
     y = y * z + x + 1.0f;
-    const VEC scale = (VEC)((n + 127) << 23);
-    const IVEC nan = in != in;
-    return (VEC)(((IVEC)(y * scale) & ~lo & ~nan) | ((IVEC)in & nan));
+    const PVEC scale = (PVEC)((n + 127) << 23);
+    const PIVEC nan = in != in;
+    return (PVEC)(((PIVEC)(y * scale) & ~lo & ~nan) | ((PIVEC)in & nan));
+}
+#endif
+
+INLINE VEC NAME(vexp)(VEC x)
+{
+#if REAL_IS_FLOAT
+    for (int i = 0; i < NP; ++i)
+        x.p[i] = NAME(vexp_part)(x.p[i]);
+    return x;
 #else
     REAL t[H];
-    memcpy(t, &x, sizeof t);
+    NAME(store)(t, x);
     for (int h = 0; h < H; ++h)
         t[h] = exp(t[h]);
     return NAME(load)(t);
@@ -462,15 +635,15 @@ static void NAME(forward_impl)(const REAL *poses, const REAL *tiled, const REAL 
                 const REAL *v = votes + r * S * H;
                 const REAL *rr = R + r * S, *ar = a_in + b * S;
                 const VEC c = NAME(load)(shift + r * H);
-                VEC a1 = {0}, a2 = {0};
+                VEC a1 = NAME(vzero)(), a2 = NAME(vzero)();
                 REAL amount = 0;
                 for (int64_t s = 0; s < S; ++s) {
                     const REAL w = rr[s] * ar[s];
-                    const VEC x = NAME(load)(v + s * H) - c;
-                    const VEC y = w * x;
+                    const VEC x = NAME(vsub)(NAME(load)(v + s * H), c);
+                    const VEC y = NAME(vscale)(w, x);
                     amount += w;
-                    a1 += y;
-                    a2 += y * x;
+                    a1 = NAME(vadd)(a1, y);
+                    a2 = NAME(vfma)(y, x, a2);
                 }
                 if (tape) {
                     NAME(store)(tape[t] + r * H, a1);
@@ -539,9 +712,9 @@ static void NAME(forward_impl)(const REAL *poses, const REAL *tiled, const REAL 
                     REAL *lg = R + (b * J + j) * S;
                     int64_t s = 0;
                     for (; s + 16 <= S; s += 16) {
-                        const VEC e = NAME(vexp)(NAME(load)(lg + s) - NAME(load)(m + s));
+                        const VEC e = NAME(vexp)(NAME(vsub)(NAME(load)(lg + s), NAME(load)(m + s)));
                         NAME(store)(lg + s, e);
-                        NAME(store)(sum + s, NAME(load)(sum + s) + e);
+                        NAME(store)(sum + s, NAME(vadd)(NAME(load)(sum + s), e));
                     }
                     for (; s < S; ++s) {
                         const REAL e = exp(lg[s] - m[s]);
@@ -594,6 +767,42 @@ static inline void NAME(m_row)(const REAL *assign, const REAL *a_in, int64_t S, 
         A += assign[s] * a_in[s];
     *amount = A;
     NAME(m_finish)(A, s1, s2, var_floor, sum_floor, div, mean, vraw, var, log_sigma);
+}
+
+/* Matrix poses (Q = 4): one vote's gradient g mapped to its pose's, gps += Σ_c g[:, c] ⊙ (W
+ * column c spread over the rows: wm, 4 x 16), and to W's, dw += Σ_r pose[r, :]ᵀ g[r, :]. */
+INLINE void NAME(matrix_grads)(VEC g, const REAL *pose, const REAL *wm, REAL *gps, REAL *dw)
+{
+#if PW >= 4
+    const VEC p = NAME(load)(pose), w0 = NAME(load)(wm), w1 = NAME(load)(wm + H),
+              w2 = NAME(load)(wm + 2 * H), w3 = NAME(load)(wm + 3 * H);
+    VEC gp = NAME(load)(gps), d = NAME(load)(dw);
+#define COLUMN(i, c) COLUMN_OF(g, i, c)
+#define ROW_TILE(r) SHUFFLE1(g.p[4 * (r) / PW], LANES(TILE_LANE, r))
+#define ROW_SPREAD(i, r) SHUFFLE1(p.p[4 * (r) / PW], LANES(SPREAD_LANE, r, i))
+#define MATRIX_PART(i, unused)                                                                \
+    gp.p[i] = gp.p[i] + COLUMN(i, 0) * w0.p[i] + COLUMN(i, 1) * w1.p[i] +                     \
+              COLUMN(i, 2) * w2.p[i] + COLUMN(i, 3) * w3.p[i];                                \
+    d.p[i] = d.p[i] + ROW_SPREAD(i, 0) * ROW_TILE(0) + ROW_SPREAD(i, 1) * ROW_TILE(1) +        \
+             ROW_SPREAD(i, 2) * ROW_TILE(2) + ROW_SPREAD(i, 3) * ROW_TILE(3);
+    EACH_PART(MATRIX_PART, 0)
+#undef MATRIX_PART
+#undef ROW_SPREAD
+#undef ROW_TILE
+#undef COLUMN
+    NAME(store)(gps, gp);
+    NAME(store)(dw, d);
+#else /* parts narrower than a matrix row: entry by entry */
+    REAL t[H];
+    NAME(store)(t, g);
+    for (int l = 0; l < H; ++l) { /* gps lane (r, ·), dw lane (k, c): r = k = l / 4, c = l % 4 */
+        const int r = l / 4, c = l % 4;
+        gps[l] = gps[l] + t[4 * r] * wm[l] + t[4 * r + 1] * wm[H + l] +
+                 t[4 * r + 2] * wm[2 * H + l] + t[4 * r + 3] * wm[3 * H + l];
+        dw[l] = dw[l] + pose[r] * t[c] + pose[4 + r] * t[4 + c] + pose[8 + r] * t[8 + c] +
+                pose[12 + r] * t[12 + c];
+    }
+#endif
 }
 
 /* route_backward: backward of route_forward for one chunk, by hand (the same derivatives PyTorch's autograd
@@ -708,47 +917,33 @@ static void NAME(backward_impl)(const REAL *poses, const REAL *tiled, const REAL
                     if (t == 0) { /* every record is known: the vote gradient, vote by vote */
                         if (j == 0)
                             memset(gp, 0, sizeof(REAL) * S * H);
-                        VEC bk[K], ck[K];
+                        const REAL *bk = vcoef + r * K * H, *ck = constant + r * K * H;
                         const REAL *ak[K];
-                        for (int64_t k = 0; k < K; ++k) {
-                            bk[k] = NAME(load)(vcoef + (r * K + k) * H);
-                            ck[k] = NAME(load)(constant + (r * K + k) * H);
+                        for (int64_t k = 0; k < K; ++k)
                             ak[k] = coefs[k] + r * S;
-                        }
                         for (int64_t s2 = 0; s2 < S; ++s2) {
-                            VEC mul = {0}, add = {0};
+                            VEC mul = NAME(vzero)(), add = NAME(vzero)();
                             for (int64_t k = 0; k < K; ++k) {
-                                mul += ak[k][s2] * bk[k];
-                                add += ak[k][s2] * ck[k];
+                                mul = NAME(vsfma)(ak[k][s2], NAME(load)(bk + k * H), mul);
+                                add = NAME(vsfma)(ak[k][s2], NAME(load)(ck + k * H), add);
                             }
-                            const VEC g = (NAME(load)(v + s2 * H) - c) * mul + add;
-                            const VEC p = NAME(load)(poses + (b * S + s2) * H);
+                            const VEC g =
+                                NAME(vfma)(NAME(vsub)(NAME(load)(v + s2 * H), c), mul, add);
+                            const REAL *pose = poses + (b * S + s2) * H;
                             const REAL *wm = wmat + (s2 * J + j) * GQ;
                             REAL *dw = dw_t + (s2 * J + j) * WQ;
-                            if (Q == 4) {
-                                REAL *gps = gp + s2 * H;
-                                NAME(store)(gps,
-                                            NAME(load)(gps) +
-                                                SHUFFLE1(g, COLUMN(0)) * NAME(load)(wm) +
-                                                SHUFFLE1(g, COLUMN(1)) * NAME(load)(wm + H) +
-                                                SHUFFLE1(g, COLUMN(2)) * NAME(load)(wm + 2 * H) +
-                                                SHUFFLE1(g, COLUMN(3)) * NAME(load)(wm + 3 * H));
-                                NAME(store)(dw, NAME(load)(dw) +
-                                                    SHUFFLE1(p, ROW_SPREAD(0)) * SHUFFLE1(g, ROW_TILE(0)) +
-                                                    SHUFFLE1(p, ROW_SPREAD(1)) * SHUFFLE1(g, ROW_TILE(1)) +
-                                                    SHUFFLE1(p, ROW_SPREAD(2)) * SHUFFLE1(g, ROW_TILE(2)) +
-                                                    SHUFFLE1(p, ROW_SPREAD(3)) * SHUFFLE1(g, ROW_TILE(3)));
-                            } else { /* vector poses: a vote is pose (1 x 16) @ W (16 x 16) */
-                                REAL pv[H];
-                                NAME(store)(pv, p);
+                            if (Q == 4)
+                                NAME(matrix_grads)(g, pose, wm, gp + s2 * H, dw);
+                            else { /* vector poses: a vote is pose (1 x 16) @ W (16 x 16) */
                                 for (int k = 0; k < H; ++k) {
                                     /* dL/dpose[k] += Σ_h g[h] W[k][h];  dW[k][h] += pose[k] g[h] */
-                                    gp[s2 * H + k] += NAME(hsum)(g * NAME(load)(wm + k * H));
-                                    NAME(store)(dw + k * H, NAME(load)(dw + k * H) + pv[k] * g);
+                                    gp[s2 * H + k] += NAME(hsum)(NAME(vmul)(g, NAME(load)(wm + k * H)));
+                                    NAME(store)(dw + k * H,
+                                                NAME(vsfma)(pose[k], g, NAME(load)(dw + k * H)));
                                 }
                             }
                             if (doff_t)
-                                NAME(store)(doff_t + s2 * H, NAME(load)(doff_t + s2 * H) + g);
+                                NAME(store)(doff_t + s2 * H, NAME(vadd)(NAME(load)(doff_t + s2 * H), g));
                         }
                         if (j == J - 1)
                             for (int64_t s2 = 0; s2 < S; ++s2)
@@ -812,16 +1007,16 @@ static void NAME(backward_impl)(const REAL *poses, const REAL *tiled, const REAL
                     /* Σ_s gF x, Σ_s gF x² over the votes */
                     const REAL *v = votes + r * S * H;
                     const VEC c = NAME(load)(shift + r * H);
-                    VEC p1 = {0}, p2 = {0};
+                    VEC p1 = NAME(vzero)(), p2 = NAME(vzero)();
                     for (int64_t s = 0; s < S; ++s) {
-                        const VEC x = NAME(load)(v + s * H) - c;
-                        const VEC y = gF[s] * x;
-                        p1 += y;
-                        p2 += y * x;
+                        const VEC x = NAME(vsub)(NAME(load)(v + s * H), c);
+                        const VEC y = NAME(vscale)(gF[s], x);
+                        p1 = NAME(vadd)(p1, y);
+                        p2 = NAME(vfma)(y, x, p2);
                     }
                     REAL P1[H], P2[H];
-                    memcpy(P1, &p1, sizeof P1);
-                    memcpy(P2, &p2, sizeof P2);
+                    NAME(store)(P1, p1);
+                    NAME(store)(P2, p2);
                     REAL *rb = rowbuf + r * RW;
                     const REAL sig = (REAL)1 / ((REAL)1 + exp(logit)); /* logsigmoid' = σ(−x) */
                     rb[2 * H] = sum_gl * sig;
@@ -854,5 +1049,9 @@ void NAME(route_backward)(const emcaps_problem *p, const emcaps_inputs *in,
 }
 
 #undef VEC
-#undef IVEC
+#undef PVEC
+#undef PIVEC
+#undef NP
+#undef LANES
+#undef EACH_PART
 #endif
