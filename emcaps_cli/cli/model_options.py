@@ -76,14 +76,16 @@ MODEL_OPTIONS = (
     _model(
         "var_floor",
         float,
-        "Added to every σ² in EM routing's M-step, in squared pose units: a larger floor "
-        "keeps the first E-steps soft (docs/model.md).",
+        "Added to every σ² in EM routing's M-step, in squared pose units; small or large only "
+        "against the votes' spread (docs/model.md, \"Procedure 1 and learning\"). The paper "
+        "and released presets: 5e-4.",
     ),
     _model(
         "likelihood_power",
         float,
-        "τ of EM routing's E-step, R ∝ a·p^τ: 1 is Procedure 1; below 1 the assignments stay "
-        "softer, which lets 3 iterations train (docs/model.md).",
+        "τ of EM routing's E-step, R ∝ a·p^τ: 1 is Procedure 1 (the paper and released "
+        "presets); the default 0.1 is a tempered E-step, not Procedure 1, whose softer "
+        "assignments let 3 iterations train here (docs/model.md).",
     ),
     _model(
         "parametrisation",
