@@ -125,7 +125,8 @@ class ModelConfig:
         return self.final_lambda if self.conv_final_lambda is None else self.conv_final_lambda
 
     def conv_lambdas(self) -> tuple[float, float]:
-        """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Where emcaps departs from the paper and the released code")."""
+        """λ_max of conv caps 1 and conv caps 2 (docs/model.md, "Where emcaps departs from the
+        paper and the released code")."""
         _, b, c, d = self.arch
         lam = self.conv_lambda_max
         if not self.conv_lambda_by_width:
