@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emcaps_cli.capsules.em import initial_assignments
-from emcaps_cli.capsules.health import ROUTING_LAYERS, assignment_stats, capsule_health
+from emcaps_cli.capsules.health import ROUTING_LAYERS, capsule_health
 from emcaps_cli.checkpoint import load_model
 from emcaps_cli.config import ModelConfig, parse_arch
 from emcaps_cli.data.cache import load_cache
@@ -51,21 +50,6 @@ def layer_gradients(model: torch.nn.Module, images, labels, margin: float):
     }
 
 
-def uniform_max_assignment(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Each routing layer's mean largest R per child when R is uniform over its parents."""
-    out = {}
-    with torch.no_grad():
-        layers = model.forward_layers(images[:1])
-        below = "primary_caps"
-        for name in ROUTING_LAYERS:
-            inputs = getattr(model, name).routing_inputs(*layers[below])
-            n, l, j, s, _ = inputs.votes().shape
-            r = initial_assignments((n, l, j, s), inputs.spec.child_map, images)
-            out[name] = assignment_stats(r, inputs.spec.child_map)[0]
-            below = name
-    return out
-
-
 def probe(model: torch.nn.Module, batches, margin: float) -> dict:
     grads = [layer_gradients(model, x, y, margin) for x, y in batches]
     out = {}
@@ -78,11 +62,9 @@ def probe(model: torch.nn.Module, batches, margin: float) -> dict:
         out[name] = {"grad_norm": float(np.mean(norms)), "cosine": float(np.mean(cosines))}
     x, y = batches[0]
     health = capsule_health(model, x, y, spread_loss, margin)
-    uniform = uniform_max_assignment(model, x)
     for name in ROUTING_LAYERS:
-        out[name]["max_assignment"] = health[name]["max_assignment"]
-        out[name]["max_assignment_uniform"] = uniform[name]
-        out[name]["activation_std"] = health[name]["activation_std"]
+        for key in ("max_assignment", "max_assignment_uniform", "activation_std"):
+            out[name][key] = health[name][key]
     return out
 
 

@@ -26,9 +26,6 @@ from emcaps_cli.data.transforms import eval_batch
 from emcaps_cli.losses import spread_loss
 from emcaps_cli.models import build_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from probe_gradients import uniform_max_assignment  # noqa: E402
-
 
 def rebuilt(model: torch.nn.Module, **fields) -> torch.nn.Module:
     """The same weights in a network whose ModelConfig differs by `fields`."""
@@ -68,11 +65,10 @@ def check(path, images_u8, labels, iters: list[int], powers: list[list[float]]) 
         for ps in powers
     }
     health = capsule_health(model, images[:16], labels[:16], spread_loss, 0.9)
-    uniform = uniform_max_assignment(model, images[:16])
     routing = {
         name: {
             "max_assignment": health[name]["max_assignment"],
-            "uniform": uniform[name],
+            "uniform": health[name]["max_assignment_uniform"],
             "assignment_entropy": health[name]["assignment_entropy"],
         }
         for name in ROUTING_LAYERS

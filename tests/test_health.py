@@ -53,6 +53,8 @@ def test_capsule_health_reports_every_layer_and_leaves_grads_alone():
         assert 0 < stats["activation_mean"] < 1
         assert 0 <= stats["assignment_entropy"] <= 1 + 1e-6
         assert 0 < stats["max_assignment"] <= 1
+        # no child's largest R is below its uniform share
+        assert 0 < stats["max_assignment_uniform"] <= stats["max_assignment"] + 1e-6
         assert all(math.isfinite(v) for v in stats.values())
     assert all(health[name]["grad_norm"] > 0 for name in LAYERS)
 

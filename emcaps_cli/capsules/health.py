@@ -4,6 +4,8 @@ Computed on one fixed batch (a few images), per capsule layer:
 
     activation_mean, activation_std   over every capsule of the batch (a dead layer: std ≈ 0)
     max_assignment      mean over children of their largest R_ij (1/#parents: uniform; 1: hard)
+    max_assignment_uniform  the same under uniform assignments (each child's 1/#parents), the
+                        reference max_assignment is read against
     assignment_entropy  mean over children of H(R_i·) / log(#parents of i) (1: uniform; 0: hard)
     log_sigma           mean log σ_jh of the last M-step
     logit_std           spread of the activation logits λ(β_a − Σ_h cost_h) over capsules
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from emcaps_cli.capsules.em import ChildMap, RoutingStep, em_routing
+from emcaps_cli.capsules.em import ChildMap, RoutingStep, em_routing, initial_assignments
 from emcaps_cli.capsules.layers import RoutingInputs
 
 ROUTING_LAYERS = ("conv_caps1", "conv_caps2", "class_caps")
@@ -81,8 +83,10 @@ def routing_health(inputs: RoutingInputs) -> dict[str, float]:
         log_sigma += float(0.5 * last.variance.log().mean()) * weight
         logits.append(last.logit.flatten())
         count += weight
+    uniform = initial_assignments(tuple(last.assignments.shape), spec.child_map, last.variance)
     return {
         "max_assignment": largest / count,
+        "max_assignment_uniform": assignment_stats(uniform, spec.child_map)[0],
         "assignment_entropy": entropy / count,
         "log_sigma": log_sigma / count,
         "logit_std": float(torch.cat(logits).std()) if sum(map(len, logits)) > 1 else 0.0,
