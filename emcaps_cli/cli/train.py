@@ -285,27 +285,20 @@ TRAIN_OPTIONS = (
     ),
 )
 CONFIG_OPTIONS = {row.name: row for row in TRAIN_OPTIONS if row.config is not None}
+MODEL_NAMES = frozenset(row.name for row in opts.MODEL_OPTIONS)
 
 
 def new_config(params: dict[str, Any], typed: frozenset[str] = frozenset()) -> TrainConfig:
     """The TrainConfig of a fresh run from the command's parameters: the preset's values for
     the options not in `typed` (those given on the command line), which keep theirs."""
-    from emcaps_cli.config import ModelConfig
     from emcaps_cli.presets import load_preset
 
-    preset = load_preset(CONFIG_OPTIONS["preset"].to_config(params["preset"]))
-    model = opts.model_config(**{row.name: params[row.name] for row in opts.MODEL_OPTIONS})
-    model_fields = model.to_dict()
-    model_fields.update({k: v for k, v in preset.model.items() if k not in typed})
-    model_fields["arch"] = tuple(model_fields["arch"])
-    fields = {
-        name: row.to_config(params[name])
-        for name, row in CONFIG_OPTIONS.items()
-        if row.config is TrainConfig
-    }
-    preset_train = preset.train_fields(model_fields["model"])
-    fields.update({k: v for k, v in preset_train.items() if k not in typed})
-    return TrainConfig(model=ModelConfig(**model_fields), **fields)
+    values = {name: row.to_config(params[name]) for name, row in CONFIG_OPTIONS.items()}
+    preset = load_preset(values.pop("preset"))
+    by_preset = (set(preset.model) | set(preset.train_fields(values["model"]))) - typed
+    kept = {name: value for name, value in values.items() if name not in by_preset}
+    model = {name: kept.pop(name) for name in MODEL_NAMES if name in kept}
+    return preset.config(model, **kept)
 
 
 def typed_names(ctx: typer.Context) -> frozenset[str]:
@@ -318,12 +311,12 @@ def typed_names(ctx: typer.Context) -> frozenset[str]:
 
 
 def typed_options(ctx: typer.Context) -> dict[str, Any]:
-    """The options typed on the command line, by training-option name, as values to compare
-    with a stored run (source by enum name: Typer may vendor click)."""
+    """The training options typed on the command line, as values to compare with a stored run."""
+    typed = typed_names(ctx) - {"out"}
     return {
         name: row.to_config(ctx.params[name])
         for name, row in CONFIG_OPTIONS.items()
-        if name != "out" and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+        if name in typed
     }
 
 

@@ -26,8 +26,6 @@ from emcaps_cli.config import ModelConfig, TrainConfig
 from emcaps_cli.defaults import PRESETS
 from emcaps_cli.errors import EmcapsError
 
-DEFAULT_PRESET = "tempered"  # the dataclasses' defaults are its values (tests/test_presets.py)
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -42,6 +40,13 @@ class Preset:
     def train_fields(self, model: str) -> dict[str, Any]:
         """The TrainConfig fields this preset sets for a network of kind `model`."""
         return {**self.train, **(self.capsnet if model == "capsnet" else {})}
+
+    def config(self, model: dict[str, Any] | None = None, **train: Any) -> TrainConfig:
+        """The TrainConfig of this preset with the given ModelConfig / TrainConfig fields over
+        its values."""
+        model_config = ModelConfig(**{**self.model, **(model or {})})
+        fields = {**self.train_fields(model_config.model), **train}
+        return TrainConfig(**fields, model=model_config, preset=self.name)
 
 
 def _check_fields(cls: type, values: dict[str, Any], where: str) -> None:
@@ -71,10 +76,7 @@ def load_preset(name: str) -> Preset:
 def preset_config(name: str, model: dict[str, Any] | None = None, **train: Any) -> TrainConfig:
     """The TrainConfig of preset `name`, with the given ModelConfig / TrainConfig fields over
     its values: `preset_config("paper", {"arch": (64, 8, 16, 16)}, epochs=20)`."""
-    preset = load_preset(name)
-    model_config = ModelConfig(**{**preset.model, **(model or {})})
-    fields = {**preset.train_fields(model_config.model), **train}
-    return TrainConfig(**fields, model=model_config, preset=name)
+    return load_preset(name).config(model, **train)
 
 
 def routing_rule(config: ModelConfig) -> str:

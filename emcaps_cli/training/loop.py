@@ -336,10 +336,11 @@ def _announce(run: _Run, resume: bool) -> None:
     """Write config.json (and, on resume, the metrics so far); tell the reporter."""
     config, ctx = run.config, run.ctx
     parameters = count_parameters(run.model)
+    routing = routing_rule(config.model)
     if ctx.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         setting = {
-            "routing": routing_rule(config.model),
+            "routing": routing,
             "train_config": config.to_dict(),
             "model_config": config.model.to_dict(),
             "parameters": parameters,
@@ -358,7 +359,7 @@ def _announce(run: _Run, resume: bool) -> None:
     run.reporter.start(
         {
             "run_dir": str(run.run_dir),
-            "routing": routing_rule(config.model),
+            "routing": routing,
             "device": str(run.device),
             "world_size": ctx.world,
             "parameters": parameters,
