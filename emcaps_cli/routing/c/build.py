@@ -31,7 +31,8 @@ from pathlib import Path
 from emcaps_cli.routing.backend import KernelsUnavailable
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# and -march; -fno-trapping-math lets selects (x >= 0 ? a : 0) vectorise without AVX-512 masks
+# Every build's flags; `flags` adds -march. -fno-trapping-math lets selects (x >= 0 ? a : 0)
+# vectorise without AVX-512 masks.
 FLAGS = [
     "-O3",
     "-fPIC",
@@ -110,7 +111,7 @@ def arch() -> str:
 
 def flags(target_arch: str) -> list[str]:
     """The compiler's flags for a build for `-march=target_arch`."""
-    return [*FLAGS[:1], f"-march={target_arch}", *FLAGS[1:]]
+    return [*FLAGS, f"-march={target_arch}"]
 
 
 def missing_cpu_flags(target_arch: str, cc: str | None = None) -> list[str]:
